@@ -1,0 +1,123 @@
+"""Entry points: ``cloudbk``, ``cloudbk-wal-push``, ``cloudbk-wal-fetch``.
+
+Command modules are imported only when the parser is built, and keep their own heavy imports (SDKs,
+psycopg) inside ``run`` so an archive_command pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import NoReturn
+
+from cloudbk import __version__
+from cloudbk.errors import CloudbkError, ExitCode, UsageError
+
+# command name -> module under cloudbk.cli
+COMMANDS: dict[str, str] = {
+    "wal-push": "wal_push",
+    "wal-fetch": "wal_fetch",
+}
+
+log = logging.getLogger("cloudbk")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad flag; our contract says usage errors exit 3."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every command accepts, before or after the command name."""
+    p = ArgumentParser(add_help=False)
+    g = p.add_argument_group("repository and connection")
+    g.add_argument("--config", help="TOML config file (env CLOUDBK_CONFIG)")
+    g.add_argument("--repo", help="repository URL: s3://, gs://, azure://container/prefix, file:///path (env CLOUDBK_REPO)")
+    g.add_argument("--server", help="cluster name inside the repository, default 'main' (env CLOUDBK_SERVER)")
+    g.add_argument("--endpoint-url", help="S3-compatible or emulator endpoint (env CLOUDBK_ENDPOINT_URL)")
+    g.add_argument("--compression", help="zstd (default), lz4, gzip, none (env CLOUDBK_COMPRESSION)")
+    g.add_argument("--dbname", help="PostgreSQL connection string (default: libpq environment)")
+    g.add_argument("--pgdata", help="PostgreSQL data directory (env PGDATA)")
+    g.add_argument("--retry-deadline", type=float, help="seconds to retry transient storage errors (env CLOUDBK_RETRY_DEADLINE)")
+    g.add_argument("-v", "--verbose", action="store_true", default=None, help="log more detail to stderr")
+    return p
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"cloudbk.cli.{name}")
+
+
+def build_parser(only: str | None = None) -> ArgumentParser:
+    common = common_options()
+    parser = ArgumentParser(prog="cloudbk", description="PostgreSQL backup and WAL archiving to object storage")
+    parser.add_argument("--version", action="version", version=f"cloudbk {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, modname in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        module = _module(modname)
+        cmd = sub.add_parser(name, parents=[common], help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def _setup_logging(command: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"cloudbk {command}: %(levelname)s: %(message)s"))
+    root = logging.getLogger("cloudbk")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Build only the named command's parser when we can tell it: faster start for archive_command.
+    only = next((a for a in args_list if not a.startswith("-")), None)
+    try:
+        parser = build_parser(only if only in COMMANDS else None)
+        args = parser.parse_args(args_list)
+    except UsageError as exc:
+        print(f"cloudbk: ERROR: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    command: str = args.command
+    _setup_logging(command, bool(args.verbose))
+    module: ModuleType = args._module
+    try:
+        from cloudbk.config import resolve
+
+        settings = resolve(vars(args))
+        code: int = module.run(args, settings)
+        return code
+    except CloudbkError as exc:
+        handler = getattr(module, "exit_code_for", None)
+        code = handler(exc, args) if handler else exc.exit_code
+        log.error("%s", exc)
+        return code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+def _run(argv: Sequence[str]) -> NoReturn:
+    sys.exit(main(argv))
+
+
+def entry() -> NoReturn:
+    _run(sys.argv[1:])
+
+
+def wal_push_main() -> NoReturn:
+    _run(["wal-push", *sys.argv[1:]])
+
+
+def wal_fetch_main() -> NoReturn:
+    _run(["wal-fetch", *sys.argv[1:]])

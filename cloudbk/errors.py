@@ -1,0 +1,111 @@
+"""The exception taxonomy and the exit codes (SPEC §1), defined in one place.
+
+Every error carries a message, the key or path it concerns, and an optional hint telling the operator what
+to do. Storage drivers translate SDK errors into the ``Storage*`` classes at their boundary (always chained
+with ``raise ... from exc``); retry decisions are made by class, never by message text.
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    """Process exit codes. Only ``cloudbk.cli`` turns exceptions into these."""
+
+    OK = 0
+    FAILED = 1  # operation failed; for wal-fetch: the file is not in the archive
+    STORAGE = 2  # storage unreachable or failing after retries
+    USAGE = 3  # bad flag, bad URL, bad config
+    OTHER = 4  # integrity failure, conflict, anything else
+    # wal-fetch during archive recovery when the archive cannot be read: PostgreSQL treats an exit status
+    # above 125 as fatal and stops instead of ending recovery (xlogarchive.c, RestoreArchivedFile). 143 is
+    # excluded because it reads as SIGTERM.
+    FETCH_FATAL = 126
+
+
+class CloudbkError(Exception):
+    """Base class. ``exit_code`` is what the CLI returns for it."""
+
+    exit_code: int = ExitCode.OTHER
+
+    def __init__(self, message: str, *, key: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.key is not None and self.key not in text:
+            text = f"{text} ({self.key})"
+        if self.hint:
+            text = f"{text}\nHINT: {self.hint}"
+        return text
+
+
+class UsageError(CloudbkError):
+    """Bad flag, URL or configuration."""
+
+    exit_code = ExitCode.USAGE
+
+
+class IntegrityError(CloudbkError):
+    """Stored data does not match its checksum or format."""
+
+    exit_code = ExitCode.OTHER
+
+
+class ConflictError(CloudbkError):
+    """An object exists with different content than the one we were asked to store."""
+
+    exit_code = ExitCode.OTHER
+
+
+class OperationFailed(CloudbkError):
+    """The operation could not be done (for example: a backup that does not exist)."""
+
+    exit_code = ExitCode.FAILED
+
+
+# --- storage taxonomy -------------------------------------------------------------------------------------
+
+
+class StorageError(CloudbkError):
+    """Base of every error raised by a storage driver."""
+
+    exit_code = ExitCode.STORAGE
+
+
+class NotFound(StorageError):
+    """The key does not exist (the storage answered, and the answer was: absent)."""
+
+    exit_code = ExitCode.FAILED
+
+
+class AlreadyExists(StorageError):
+    """A create-only write found the key already present."""
+
+    exit_code = ExitCode.OTHER
+
+
+class PreconditionFailed(StorageError):
+    """A replace-if-version-matches write found another version."""
+
+    exit_code = ExitCode.OTHER
+
+
+class AccessDenied(StorageError):
+    """Credentials missing, wrong, or lacking permission. Not retried."""
+
+    exit_code = ExitCode.STORAGE
+
+
+class PermanentError(StorageError):
+    """The storage rejected the request for a reason retrying will not fix (bad bucket name, 4xx)."""
+
+    exit_code = ExitCode.STORAGE
+
+
+class TransientError(StorageError):
+    """Network failure, timeout, 5xx, throttling: retried by the retry layer until its deadline."""
+
+    exit_code = ExitCode.STORAGE

@@ -1,0 +1,226 @@
+"""The per-server index: one JSON object listing the backups and the WAL archive per timeline.
+
+A point-in-time lookup reads this one object instead of listing thousands of keys. The index is a cache of
+what the objects themselves say: data objects are made durable first, then the index is updated by
+compare-and-swap (read with its version, change, write ``IfVersion``; on conflict read again and re-apply),
+so concurrent writers never lose an entry. ``cloudbk reindex`` rebuilds it from the objects.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cloudbk import layout
+from cloudbk.errors import AlreadyExists, IntegrityError, NotFound, PreconditionFailed, StorageError
+from cloudbk.storage.base import CREATE_ONLY, IfVersion, Storage
+from cloudbk.wal import HistoryEntry, format_lsn, parse_lsn
+
+INDEX_FORMAT_VERSION = 1
+CAS_DEADLINE = 120.0  # seconds of conflicts before giving up; each round trip is one read + one write
+
+Ranges = list[list[int]]  # sorted, non-overlapping, non-adjacent inclusive [first, last] segment numbers
+
+
+def _add_to_ranges(ranges: Ranges, first: int, last: int) -> bool:
+    """Merge [first, last] into ``ranges`` in place; return True if anything was new."""
+    if any(a <= first and last <= b for a, b in ranges):
+        return False
+    merged: Ranges = []
+    lo, hi = first, last
+    for a, b in ranges:
+        if b < lo - 1 or a > hi + 1:
+            merged.append([a, b])
+        else:
+            lo, hi = min(lo, a), max(hi, b)
+    merged.append([lo, hi])
+    merged.sort()
+    ranges[:] = merged
+    return True
+
+
+def _remove_from_ranges(ranges: Ranges, first: int, last: int) -> None:
+    out: Ranges = []
+    for a, b in ranges:
+        if b < first or a > last:
+            out.append([a, b])
+            continue
+        if a < first:
+            out.append([a, first - 1])
+        if b > last:
+            out.append([last + 1, b])
+    ranges[:] = out
+
+
+def gaps(ranges: Ranges, first: int, last: int) -> Ranges:
+    """The sub-ranges of [first, last] not covered by ``ranges``."""
+    missing: Ranges = []
+    cursor = first
+    for a, b in ranges:
+        if b < cursor:
+            continue
+        if a > last:
+            break
+        if a > cursor:
+            missing.append([cursor, min(a - 1, last)])
+        cursor = max(cursor, b + 1)
+        if cursor > last:
+            break
+    if cursor <= last:
+        missing.append([cursor, last])
+    return missing
+
+
+@dataclass
+class Index:
+    server: str
+    system_identifier: str | None = None
+    wal_segment_size: int | None = None
+    #: timeline -> ranges of segment numbers archived
+    segments: dict[int, Ranges] = field(default_factory=dict)
+    #: timeline -> the entries of its history file (the switch points of its ancestors)
+    histories: dict[int, list[HistoryEntry]] = field(default_factory=dict)
+    #: other archived files by name: .partial, .backup labels (history files are in ``histories``)
+    other_files: list[str] = field(default_factory=list)
+    #: backup id -> summary of its manifest (see cloudbk.manifest)
+    backups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    updated_at: str = ""
+    format_version: int = INDEX_FORMAT_VERSION
+
+    # -- WAL ----------------------------------------------------------------------------------------------
+
+    def add_segments(self, timeline: int, first: int, last: int | None = None) -> bool:
+        return _add_to_ranges(self.segments.setdefault(timeline, []), first, first if last is None else last)
+
+    def remove_segments(self, timeline: int, first: int, last: int) -> None:
+        ranges = self.segments.get(timeline)
+        if ranges is not None:
+            _remove_from_ranges(ranges, first, last)
+            if not ranges:
+                del self.segments[timeline]
+
+    def has_segment(self, timeline: int, segno: int) -> bool:
+        return any(a <= segno <= b for a, b in self.segments.get(timeline, []))
+
+    def missing_segments(self, timeline: int, first: int, last: int) -> Ranges:
+        return gaps(self.segments.get(timeline, []), first, last)
+
+    def add_other_file(self, name: str) -> bool:
+        if name in self.other_files:
+            return False
+        self.other_files.append(name)
+        self.other_files.sort()
+        return True
+
+    def add_history(self, timeline: int, entries: list[HistoryEntry]) -> bool:
+        if self.histories.get(timeline) == entries:
+            return False
+        self.histories[timeline] = list(entries)
+        return True
+
+    # -- serialisation ------------------------------------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format_version": self.format_version,
+            "server": self.server,
+            "system_identifier": self.system_identifier,
+            "wal_segment_size": self.wal_segment_size,
+            "updated_at": self.updated_at,
+            "wal": {
+                f"{tli:08X}": {"segments": ranges} for tli, ranges in sorted(self.segments.items())
+            },
+            "histories": {
+                f"{tli:08X}": [
+                    {"timeline": e.timeline, "switchpoint": format_lsn(e.switchpoint), "reason": e.reason}
+                    for e in entries
+                ]
+                for tli, entries in sorted(self.histories.items())
+            },
+            "other_files": self.other_files,
+            "backups": dict(sorted(self.backups.items())),
+        }
+        return json.dumps(doc, indent=1, sort_keys=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, key: str) -> Index:
+        try:
+            doc = json.loads(data)
+            version = int(doc.get("format_version", 0))
+            if version > INDEX_FORMAT_VERSION:
+                raise IntegrityError(
+                    f"index {key} has format version {version}, newer than this cloudbk", key=key, hint="upgrade cloudbk"
+                )
+            return cls(
+                server=str(doc["server"]),
+                system_identifier=doc.get("system_identifier"),
+                wal_segment_size=doc.get("wal_segment_size"),
+                segments={int(t, 16): [[int(a), int(b)] for a, b in v["segments"]] for t, v in doc["wal"].items()},
+                histories={
+                    int(t, 16): [HistoryEntry(int(e["timeline"]), parse_lsn(e["switchpoint"]), e.get("reason", "")) for e in v]
+                    for t, v in doc.get("histories", {}).items()
+                },
+                other_files=list(doc.get("other_files", [])),
+                backups=dict(doc.get("backups", {})),
+                updated_at=str(doc.get("updated_at", "")),
+                format_version=version,
+            )
+        except IntegrityError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(
+                f"index {key} is unreadable: {exc}", key=key, hint="run `cloudbk reindex` to rebuild it from the objects"
+            ) from exc
+
+
+def load_index(storage: Storage, server: str) -> Index:
+    """The current index, or an empty one if none has been written yet."""
+    key = layout.index_key(server)
+    try:
+        data = storage.get_bytes(key)
+    except NotFound:
+        return Index(server=server)
+    return Index.from_json(data, key)
+
+
+def update_index(
+    storage: Storage,
+    server: str,
+    mutate: Callable[[Index], bool],
+    deadline: float = CAS_DEADLINE,
+) -> Index:
+    """Apply ``mutate`` to the index with compare-and-swap, retrying on conflict.
+
+    ``mutate`` changes the index in place and returns True if it changed anything (False skips the write).
+    It may run several times, each time on a freshly read index, so it must be idempotent.
+    """
+    key = layout.index_key(server)
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            data, version = storage.get_bytes_versioned(key)
+            index: Index = Index.from_json(data, key)
+            current: str | None = version
+        except NotFound:
+            index, current = Index(server=server), None
+        if not mutate(index):
+            return index
+        index.updated_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        try:
+            storage.put_bytes(key, index.to_json(), CREATE_ONLY if current is None else IfVersion(current))
+            return index
+        except (PreconditionFailed, AlreadyExists) as exc:
+            if time.monotonic() - start > deadline:
+                raise StorageError(
+                    f"could not update index {key}: {attempt} conflicting updates in {deadline:.0f}s",
+                    key=key,
+                    hint="too many concurrent writers; the data is stored, run `cloudbk reindex` later",
+                ) from exc
+            time.sleep(random.uniform(0.0, min(0.5, 0.01 * attempt)))

@@ -1,0 +1,85 @@
+"""The only place that builds object keys. See docs/format.md for the layout these functions implement.
+
+    <server>/index.json                          the index (a cache; `cloudbk reindex` rebuilds it)
+    <server>/wal/<TTTTTTTT>/<walname>            WAL segments, .partial and .backup files of timeline T
+    <server>/wal/history/<TTTTTTTT>.history      timeline history files
+    <server>/backups/<backup-id>/<name>          a base backup's data objects (one tar per tablespace)
+    <server>/backups/<backup-id>/manifest.json   its manifest, written last: without it the backup does not exist
+"""
+
+from __future__ import annotations
+
+import re
+
+from cloudbk.errors import UsageError
+from cloudbk.wal import HISTORY, WalName, parse_wal_name
+
+_SERVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z?[A-Za-z0-9._-]*$")
+
+INDEX_NAME = "index.json"
+MANIFEST_NAME = "manifest.json"
+
+
+def check_server(server: str) -> str:
+    if not _SERVER.match(server):
+        raise UsageError(
+            f"invalid server name {server!r}",
+            hint="use letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit",
+        )
+    return server
+
+
+def check_backup_id(backup_id: str) -> str:
+    if not _BACKUP_ID.match(backup_id):
+        raise UsageError(f"invalid backup id {backup_id!r}", hint="see `cloudbk backup-list` for the ids")
+    return backup_id
+
+
+def server_prefix(server: str) -> str:
+    return f"{check_server(server)}/"
+
+
+def index_key(server: str) -> str:
+    return f"{check_server(server)}/{INDEX_NAME}"
+
+
+def wal_prefix(server: str) -> str:
+    return f"{check_server(server)}/wal/"
+
+
+def timeline_prefix(server: str, timeline: int) -> str:
+    return f"{wal_prefix(server)}{timeline:08X}/"
+
+
+def history_prefix(server: str) -> str:
+    return f"{wal_prefix(server)}history/"
+
+
+def wal_key(server: str, name: str | WalName) -> str:
+    wal = parse_wal_name(name) if isinstance(name, str) else name
+    if wal.kind == HISTORY:
+        return f"{history_prefix(server)}{wal.name}"
+    return f"{timeline_prefix(server, wal.timeline)}{wal.name}"
+
+
+def wal_name_from_key(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def backups_prefix(server: str) -> str:
+    return f"{check_server(server)}/backups/"
+
+
+def backup_prefix(server: str, backup_id: str) -> str:
+    return f"{backups_prefix(server)}{check_backup_id(backup_id)}/"
+
+
+def backup_manifest_key(server: str, backup_id: str) -> str:
+    return f"{backup_prefix(server, backup_id)}{MANIFEST_NAME}"
+
+
+def backup_object_key(server: str, backup_id: str, name: str) -> str:
+    if "/" in name or name in ("", MANIFEST_NAME):
+        raise UsageError(f"invalid backup object name {name!r}")
+    return f"{backup_prefix(server, backup_id)}{name}"
