@@ -26,7 +26,8 @@ class Sink(Protocol):
 def check_algorithm(algo: str) -> str:
     if algo not in ALGORITHMS:
         raise UsageError(
-            f"unknown compression {algo!r}", hint=f"use one of {', '.join(ALGORITHMS)} (--compression / CLOUDBK_COMPRESSION)"
+            f"unknown compression {algo!r}",
+            hint=f"use one of {', '.join(ALGORITHMS)} (--compression / CLOUDBK_COMPRESSION)",
         )
     return algo
 
@@ -83,11 +84,7 @@ class CompressingWriter:
         if self._finished:
             return
         self._finished = True
-        if self.algo == "zstd":
-            self._emit(self._codec.flush())
-        elif self.algo == "lz4":
-            self._emit(self._codec.flush())
-        elif self.algo == "gzip":
+        if self.algo == "zstd" or self.algo == "lz4" or self.algo == "gzip":
             self._emit(self._codec.flush())
 
     @property

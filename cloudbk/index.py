@@ -132,9 +132,7 @@ class Index:
             "system_identifier": self.system_identifier,
             "wal_segment_size": self.wal_segment_size,
             "updated_at": self.updated_at,
-            "wal": {
-                f"{tli:08X}": {"segments": ranges} for tli, ranges in sorted(self.segments.items())
-            },
+            "wal": {f"{tli:08X}": {"segments": ranges} for tli, ranges in sorted(self.segments.items())},
             "histories": {
                 f"{tli:08X}": [
                     {"timeline": e.timeline, "switchpoint": format_lsn(e.switchpoint), "reason": e.reason}
@@ -154,7 +152,9 @@ class Index:
             version = int(doc.get("format_version", 0))
             if version > INDEX_FORMAT_VERSION:
                 raise IntegrityError(
-                    f"index {key} has format version {version}, newer than this cloudbk", key=key, hint="upgrade cloudbk"
+                    f"index {key} has format version {version}, newer than this cloudbk",
+                    key=key,
+                    hint="upgrade cloudbk",
                 )
             return cls(
                 server=str(doc["server"]),
@@ -162,7 +162,9 @@ class Index:
                 wal_segment_size=doc.get("wal_segment_size"),
                 segments={int(t, 16): [[int(a), int(b)] for a, b in v["segments"]] for t, v in doc["wal"].items()},
                 histories={
-                    int(t, 16): [HistoryEntry(int(e["timeline"]), parse_lsn(e["switchpoint"]), e.get("reason", "")) for e in v]
+                    int(t, 16): [
+                        HistoryEntry(int(e["timeline"]), parse_lsn(e["switchpoint"]), e.get("reason", "")) for e in v
+                    ]
                     for t, v in doc.get("histories", {}).items()
                 },
                 other_files=list(doc.get("other_files", [])),
@@ -174,7 +176,9 @@ class Index:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(
-                f"index {key} is unreadable: {exc}", key=key, hint="run `cloudbk reindex` to rebuild it from the objects"
+                f"index {key} is unreadable: {exc}",
+                key=key,
+                hint="run `cloudbk reindex` to rebuild it from the objects",
             ) from exc
 
 

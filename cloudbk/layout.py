@@ -1,10 +1,10 @@
 """The only place that builds object keys. See docs/format.md for the layout these functions implement.
 
-    <server>/index.json                          the index (a cache; `cloudbk reindex` rebuilds it)
-    <server>/wal/<TTTTTTTT>/<walname>            WAL segments, .partial and .backup files of timeline T
-    <server>/wal/history/<TTTTTTTT>.history      timeline history files
-    <server>/backups/<backup-id>/<name>          a base backup's data objects (one tar per tablespace)
-    <server>/backups/<backup-id>/manifest.json   its manifest, written last: without it the backup does not exist
+<server>/index.json                          the index (a cache; `cloudbk reindex` rebuilds it)
+<server>/wal/<TTTTTTTT>/<walname>            WAL segments, .partial and .backup files of timeline T
+<server>/wal/history/<TTTTTTTT>.history      timeline history files
+<server>/backups/<backup-id>/<name>          a base backup's data objects (one tar per tablespace)
+<server>/backups/<backup-id>/manifest.json   its manifest, written last: without it the backup does not exist
 """
 
 from __future__ import annotations

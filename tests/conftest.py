@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from backends import ALL_BACKENDS, Backend, selected, unique_prefix  # noqa: E402
+from backends import ALL_BACKENDS, Backend, selected, unique_prefix
 
 pytest_plugins = [
     "services.s3",

@@ -107,8 +107,18 @@ class PgCluster:
         parent = new_dir(tag)
         cluster = cls(parent / "data", env=env)
         run_as_pg(
-            [str(PG_BIN / "initdb"), "-D", str(cluster.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--locale=C", *initdb_args]
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(cluster.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                *initdb_args,
+            ]
         )
         cluster.configure(
             {
@@ -161,8 +171,25 @@ class PgCluster:
     def sql(self, query: str, dbname: str = "postgres", check: bool = True) -> str:
         """Run SQL through psql; returns unaligned tuples-only output, stripped."""
         proc = run_as_pg(
-            [str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
-             "-p", str(self.port), "-U", "postgres", "-d", dbname, "-c", query],
+            [
+                str(PG_BIN / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                dbname,
+                "-c",
+                query,
+            ],
             check=check,
         )
         return proc.stdout.strip()
@@ -178,7 +205,9 @@ class PgCluster:
             if last == expected:
                 return
             time.sleep(0.3)
-        raise AssertionError(f"waited {timeout}s for {query!r} to return {expected!r}; last: {last!r}\n{self.log_tail()}")
+        raise AssertionError(
+            f"waited {timeout}s for {query!r} to return {expected!r}; last: {last!r}\n{self.log_tail()}"
+        )
 
     def wait_archived(self, timeout: float = 120) -> None:
         """Wait until the archiver has caught up with everything PostgreSQL has marked ready."""
@@ -194,6 +223,6 @@ class PgCluster:
     def log_tail(self, lines: int = 60) -> str:
         try:
             text = run_as_pg(["cat", str(self.logfile)], check=False).stdout
-        except Exception:  # noqa: BLE001 - diagnostics only
+        except Exception:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])

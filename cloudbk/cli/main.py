@@ -34,18 +34,22 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def common_options() -> argparse.ArgumentParser:
+def common_options() -> ArgumentParser:
     """Options every command accepts, before or after the command name."""
     p = ArgumentParser(add_help=False)
     g = p.add_argument_group("repository and connection")
     g.add_argument("--config", help="TOML config file (env CLOUDBK_CONFIG)")
-    g.add_argument("--repo", help="repository URL: s3://, gs://, azure://container/prefix, file:///path (env CLOUDBK_REPO)")
+    g.add_argument(
+        "--repo", help="repository URL: s3://, gs://, azure://container/prefix, file:///path (env CLOUDBK_REPO)"
+    )
     g.add_argument("--server", help="cluster name inside the repository, default 'main' (env CLOUDBK_SERVER)")
     g.add_argument("--endpoint-url", help="S3-compatible or emulator endpoint (env CLOUDBK_ENDPOINT_URL)")
     g.add_argument("--compression", help="zstd (default), lz4, gzip, none (env CLOUDBK_COMPRESSION)")
     g.add_argument("--dbname", help="PostgreSQL connection string (default: libpq environment)")
     g.add_argument("--pgdata", help="PostgreSQL data directory (env PGDATA)")
-    g.add_argument("--retry-deadline", type=float, help="seconds to retry transient storage errors (env CLOUDBK_RETRY_DEADLINE)")
+    g.add_argument(
+        "--retry-deadline", type=float, help="seconds to retry transient storage errors (env CLOUDBK_RETRY_DEADLINE)"
+    )
     g.add_argument("-v", "--verbose", action="store_true", default=None, help="log more detail to stderr")
     return p
 

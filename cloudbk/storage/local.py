@@ -48,7 +48,9 @@ def _translate(exc: OSError, key: str) -> StorageError:
             hint="the repository directory must be writable by the user running cloudbk (e.g. postgres)",
         )
     if exc.errno == errno.ENOSPC:
-        return PermanentError(f"no space left on the device holding {key}", key=key, hint="free space or expire backups")
+        return PermanentError(
+            f"no space left on the device holding {key}", key=key, hint="free space or expire backups"
+        )
     return PermanentError(f"I/O error on {exc.filename or key}: {exc.strerror}", key=key)
 
 
@@ -121,7 +123,9 @@ class LocalStorage(Storage):
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel + "/"
             # prune directories that cannot hold matching keys
-            dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
+            dirnames[:] = [
+                d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")
+            ]
             for name in filenames:
                 key = rel + name
                 if key.startswith(prefix) and not name.startswith(TMP_MARK) and name != LOCK_NAME:

@@ -95,5 +95,5 @@ class PartWriter(ObjectWriter):
         if self._started:
             try:
                 self._cancel()
-            except Exception:  # noqa: BLE001 - best effort by contract; storage lifecycle rules clean up
+            except Exception:
                 pass

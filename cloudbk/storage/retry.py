@@ -8,6 +8,7 @@ offset where a transient error interrupted them.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -16,8 +17,6 @@ from cloudbk.storage.backoff import NO_RETRY, RetryPolicy
 from cloudbk.storage.base import OVERWRITE, ObjectInfo, ObjectReader, ObjectWriter, Storage, WriteMode
 
 __all__ = ["NO_RETRY", "RetryPolicy", "RetryingStorage"]
-
-
 
 
 class _ResumingReader(ObjectReader):
@@ -93,7 +92,7 @@ class RetryingStorage(Storage):
                 self.policy.call(lambda: next(iter(self.inner.list(prefix)), None), f"list {prefix}")
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        batch: list[str] = []
+        batch: builtins.list[str] = []
         for key in keys:
             batch.append(key)
             if len(batch) >= self.delete_batch_size:
@@ -102,7 +101,7 @@ class RetryingStorage(Storage):
         if batch:
             self._delete_batch(batch)
 
-    def _delete_batch(self, batch: list[str]) -> None:
+    def _delete_batch(self, batch: builtins.list[str]) -> None:
         self.policy.call(lambda: self.inner.delete_many(batch), f"delete {batch[0]} and {len(batch) - 1} more")
 
     def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:

@@ -131,7 +131,7 @@ def test_batch_delete_including_missing_keys(storage: Storage) -> None:
         storage.put_bytes(key, b"x")
     storage.delete_batch_size = 7
     getattr(storage, "inner", storage).delete_batch_size = 7
-    storage.delete_many(keys[:20] + ["del/missing-1", "del/missing-2"])
+    storage.delete_many([*keys[:20], "del/missing-1", "del/missing-2"])
     assert [i.key for i in storage.list("del/")] == keys[20:]
     storage.delete_many([])
     storage.delete("del/missing-3")
@@ -147,11 +147,10 @@ def test_create_only_refuses_existing(storage: Storage) -> None:
 def test_create_only_large_object_refuses_existing(backend: Backend, storage: Storage) -> None:
     size = max(backend.part_size, MiB) * 2 + 17  # multipart where the backend has parts
     _upload(storage, "co/big", 1000)
-    with pytest.raises(AlreadyExists):
-        with storage.open_write("co/big", CREATE_ONLY) as writer:
-            for chunk in _stream(size):
-                writer.write(chunk)
-            writer.commit()
+    with pytest.raises(AlreadyExists), storage.open_write("co/big", CREATE_ONLY) as writer:
+        for chunk in _stream(size):
+            writer.write(chunk)
+        writer.commit()
     assert storage.stat("co/big").size == 1000
 
 
@@ -215,7 +214,7 @@ def test_compare_and_swap_counter_race(storage: Storage) -> None:
                         break
                     except PreconditionFailed:
                         continue
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=bump) for _ in range(writers)]

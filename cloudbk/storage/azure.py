@@ -1,0 +1,505 @@
+"""``azure://container/prefix`` backend: Azure Blob Storage block blobs, through azure-storage-blob.
+
+Writes: an object that fits in one block is one Put Blob; a larger one stages blocks (Put Block) and publishes
+them with one Put Block List. Staged blocks are never visible and the service discards them when another block
+list is committed or after a week, so an aborted or killed writer leaves nothing behind and ``abort`` needs no
+request. Conditions are HTTP preconditions: ``CreateOnly`` sends ``If-None-Match: *``, ``IfVersion(v)`` sends
+``If-Match: v``; the version is the blob's ETag.
+
+Each writer tags its blob with a random writer id (block ids and blob metadata), so a commit whose response was
+lost and that is retried can recognise its own earlier success instead of reporting a conflict.
+
+The SDK is imported lazily and its retries are off: :mod:`cloudbk.storage.retry` retries by error class.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import cache
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from cloudbk.errors import (
+    AccessDenied,
+    AlreadyExists,
+    NotFound,
+    PermanentError,
+    PreconditionFailed,
+    StorageError,
+    TransientError,
+    UsageError,
+)
+from cloudbk.storage.base import (
+    OVERWRITE,
+    CreateOnly,
+    IfVersion,
+    ObjectInfo,
+    ObjectReader,
+    ObjectWriter,
+    Storage,
+    WriteMode,
+    check_key,
+    check_prefix,
+)
+from cloudbk.storage.parts import PartWriter
+
+if TYPE_CHECKING:
+    from cloudbk.storage.registry import StorageOptions
+
+MiB = 1024 * 1024
+
+# Service limits of block blobs, from the Put Block / Put Block List / Blob Batch REST references and
+# "Scalability and performance targets for Blob storage" (learn.microsoft.com/rest/api/storageservices/put-block,
+# .../put-block-list, .../blob-batch):
+MAX_BLOCKS = 50_000  # committed blocks per blob
+MAX_BLOCK_SIZE = 4000 * MiB  # bytes per block (service version 2019-12-12 and later)
+MAX_BATCH = 256  # sub-requests per Blob Batch request
+
+DEFAULT_BLOCK_SIZE = 8 * MiB
+# Block sizes for a stream of unknown length: the initial size for the first BLOCKS_PER_DOUBLING blocks, then
+# doubling every BLOCKS_PER_DOUBLING blocks up to MAX_BLOCK_SIZE. From 8 MiB this keeps blocks at 32 MiB up to
+# ~200 GiB and 256 MiB up to ~2 TiB, and fits ~69 TiB in MAX_BLOCKS; memory stays one block.
+BLOCKS_PER_DOUBLING = 4000
+# Block ids are "<16 hex writer id>-<5 digit block number>". Azure requires all block ids of a blob, committed
+# or staged by any writer, to have the same length: never change the length of this format.
+BLOCK_ID_FORMAT = "{writer}-{number:05d}"
+WRITER_META = "cloudbkwriter"  # blob metadata naming the writer that committed it
+
+CONNECT_TIMEOUT = 10.0  # seconds to establish a connection
+READ_TIMEOUT = 60.0  # seconds without a byte from the service
+FIRST_GET_SIZE = 8 * MiB  # the first GET of a read (and all of a small object): one request for WAL and the index
+READ_CHUNK_SIZE = 4 * MiB  # later GETs of a streamed read: memory held by a reader
+DELETE_THREADS = 8
+
+_CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+_URL_QUERY = re.compile(r"\?[^\s'\")]+")  # a SAS token in a URL quoted by a transport error message
+
+_CREDENTIALS_HINT = (
+    "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with AZURE_STORAGE_KEY or "
+    "AZURE_STORAGE_SAS_TOKEN; with Azure AD (azure-identity), the identity needs the "
+    "'Storage Blob Data Contributor' role on the container"
+)
+
+
+def block_size_for(number: int, initial: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Size of block ``number`` (0-based) of a stream whose length is not known in advance."""
+    return min(MAX_BLOCK_SIZE, initial << (number // BLOCKS_PER_DOUBLING))
+
+
+def max_object_size(initial: int = DEFAULT_BLOCK_SIZE) -> int:
+    """The largest object the block schedule can store in ``MAX_BLOCKS`` blocks."""
+    return sum(block_size_for(n, initial) for n in range(MAX_BLOCKS))
+
+
+def _version(etag: str) -> str:
+    """ETags quoted the same way everywhere (List Blobs returns them bare, other calls quoted)."""
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+def _code(exc: Any) -> str:
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
+
+
+@cache
+def _sdk_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions translated at the boundary: the SDK's, and transport ones that escape it mid-stream."""
+    from azure.core.exceptions import AzureError
+
+    types: list[type[BaseException]] = [AzureError, OSError, http.client.HTTPException]
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        types.append(Urllib3Error)
+    except ImportError:  # pragma: no cover - urllib3 comes with the SDK's transport
+        pass
+    return tuple(types)
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _account_from_endpoint(endpoint: str) -> str | None:
+    """``http://127.0.0.1:10000/acct`` (emulator style) or ``https://acct.blob.core.windows.net``."""
+    parts = urlsplit(endpoint)
+    path = parts.path.strip("/")
+    if path:
+        return path.split("/")[0]
+    host = parts.hostname or ""
+    return host.split(".")[0] if ".blob." in host else None
+
+
+def _build_client(options: StorageOptions) -> Any:
+    """A BlobServiceClient from ``options.environ`` (SPEC §1: connection string, key, SAS, Azure AD)."""
+    from azure.storage.blob import BlobServiceClient
+
+    def env(name: str) -> str | None:
+        return (options.environ.get(name) or "").strip() or None
+
+    settings: dict[str, Any] = {
+        # our retry layer retries by error class; every SDK retry counter at zero
+        "retry_total": 0,
+        "retry_connect": 0,
+        "retry_read": 0,
+        "retry_status": 0,
+        "connection_timeout": CONNECT_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+        "max_single_get_size": FIRST_GET_SIZE,
+        "max_chunk_get_size": READ_CHUNK_SIZE,
+    }
+    endpoint = options.endpoint_url
+    connection_string = env("AZURE_STORAGE_CONNECTION_STRING")
+    if connection_string:
+        try:
+            client = BlobServiceClient.from_connection_string(connection_string, **settings)
+        except ValueError as exc:
+            raise UsageError("AZURE_STORAGE_CONNECTION_STRING is malformed", hint=_CREDENTIALS_HINT) from exc
+        if not endpoint:
+            return client
+        # the endpoint option overrides the connection string's endpoint; keep its credential
+        fields = dict(f.split("=", 1) for f in connection_string.split(";") if "=" in f)
+        sas = {k.lower(): v for k, v in fields.items()}.get("sharedaccesssignature")
+        return BlobServiceClient(endpoint, credential=sas or client.credential, **settings)
+    account = env("AZURE_STORAGE_ACCOUNT") or (_account_from_endpoint(endpoint) if endpoint else None)
+    if not account:
+        raise UsageError("no Azure storage account configured", hint=_CREDENTIALS_HINT)
+    url = endpoint or f"https://{account}.blob.core.windows.net"
+    key, sas = env("AZURE_STORAGE_KEY"), env("AZURE_STORAGE_SAS_TOKEN")
+    credential: Any
+    if key:
+        credential = {"account_name": account, "account_key": key}
+    elif sas:
+        credential = sas.lstrip("?")
+    else:
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError as exc:
+            raise UsageError(
+                f"no credentials for Azure storage account {account}: AZURE_STORAGE_KEY and AZURE_STORAGE_SAS_TOKEN "
+                "are unset and azure-identity is not installed",
+                hint=_CREDENTIALS_HINT + " (pip install azure-identity)",
+            ) from exc
+        credential = DefaultAzureCredential()
+    return BlobServiceClient(url, credential=credential, **settings)
+
+
+class AzureStorage(Storage):
+    scheme = "azure"
+    delete_batch_size = MAX_BATCH
+
+    def __init__(self, url: str, container: str, prefix: str, options: StorageOptions) -> None:
+        super().__init__(url)
+        if not _CONTAINER_NAME.match(container) and container not in ("$root", "$web"):
+            raise UsageError(
+                f"invalid Azure container name {container!r} in {url}",
+                hint="container names are 3-63 lowercase letters, digits and single hyphens",
+            )
+        self.container = container
+        self.prefix = prefix
+        self.block_size = DEFAULT_BLOCK_SIZE
+        self._root = f"{prefix}/" if prefix else ""
+        self._service = _build_client(options)
+        self._container = self._service.get_container_client(container)
+        self._endpoint = _redact_url(str(self._service.url))
+
+    def close(self) -> None:
+        self._service.close()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _name(self, key: str) -> str:
+        return self._root + check_key(key)
+
+    def _blob(self, key: str) -> Any:
+        return self._container.get_blob_client(self._name(key))
+
+    def _error(self, exc: BaseException, what: str, key: str, mode: WriteMode | None = None) -> StorageError:
+        """Translate one SDK or transport error about ``key`` into the taxonomy of cloudbk.errors."""
+        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+        where = f"azure blob {self._root}{key} in container {self.container} at {self._endpoint}"
+        status = getattr(exc, "status_code", None) if isinstance(exc, HttpResponseError) else None
+        code = _code(exc)
+        if status is None and not isinstance(exc, ClientAuthenticationError):
+            # no HTTP answer: refused or reset connection, timeout, truncated body
+            detail = _URL_QUERY.sub("?…", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            return TransientError(
+                f"{what} {where}: {detail}", key=key, hint="check that the Blob endpoint is reachable and healthy"
+            )
+        detail = f"HTTP {status} {code}".rstrip() + (f": {exc.reason}" if getattr(exc, "reason", None) else "")
+        message = f"{what} {where}: {detail}"
+        if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+            return AccessDenied(message, key=key, hint=_CREDENTIALS_HINT)
+        if code == "ContainerNotFound":
+            return PermanentError(
+                message,
+                key=key,
+                hint=f"create the container first (az storage container create --name {self.container}) or fix "
+                "the container in the repository URL",
+            )
+        if isinstance(mode, CreateOnly) and (status == 412 or code == "BlobAlreadyExists"):
+            return AlreadyExists(f"object {key} already exists ({where})", key=key)
+        if isinstance(mode, IfVersion) and status in (404, 409, 412):
+            return PreconditionFailed(f"object {key} changed since version {mode.version} ({where})", key=key)
+        if status == 404:
+            return NotFound(f"object {key} not found ({where})", key=key)
+        if status in (408, 429) or (status is not None and status >= 500) or code in ("ServerBusy", "InternalError"):
+            return TransientError(message, key=key, hint="the service is busy or failing; retried until the deadline")
+        return PermanentError(message, key=key)
+
+    @contextmanager
+    def _guard(self, what: str, key: str, mode: WriteMode | None = None) -> Iterator[None]:
+        try:
+            yield
+        except _sdk_errors() as exc:
+            raise self._error(exc, what, key, mode) from exc
+
+    def _info(self, key: str, size: int, etag: str, modified: Any) -> ObjectInfo:
+        return ObjectInfo(key, size, _version(etag), modified.timestamp() if modified is not None else None)
+
+    def _download(self, key: str, offset: int, length: int | None) -> Any:
+        """Start a download; the first GET (up to FIRST_GET_SIZE) happens here, so NotFound is eager."""
+        blob = self._blob(key)
+        with self._guard("cannot read", key):
+            # offset None, not 0, for a whole read: the SDK then handles empty blobs (a ranged GET is a 416)
+            return blob.download_blob(offset=offset or None if length is None else offset, length=length)
+
+    # -- the contract -------------------------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo:
+        blob = self._blob(key)
+        with self._guard("cannot stat", key):
+            props = blob.get_blob_properties()
+        return self._info(key, props.size, props.etag, props.last_modified)
+
+    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> ObjectReader:
+        if length == 0:
+            self.stat(key)  # NotFound eagerly, then nothing to read
+            return _AzureReader(self, key, iter(()))
+        try:
+            downloader = self._download(key, offset, length)
+        except PermanentError as exc:
+            if _code(exc.__cause__) != "InvalidRange":
+                raise
+            self.stat(key)  # a range starting at or past the end: empty, if the blob exists
+            return _AzureReader(self, key, iter(()))
+        return _AzureReader(self, key, downloader.chunks())
+
+    def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
+        """Data and ETag from one download; later GETs of a large object are pinned to that ETag by the SDK."""
+        while True:
+            downloader = self._download(key, 0, None)
+            try:
+                with self._guard("cannot read", key):
+                    data = downloader.readall()
+            except PermanentError as exc:
+                if getattr(exc.__cause__, "status_code", None) == 412:
+                    continue  # replaced between two GETs of a large object: read the new version
+                raise
+            return data, _version(downloader.properties.etag)
+
+    def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
+        return _AzureWriter(self, check_key(key), mode)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        start = self._root + prefix
+        with self._guard("cannot list", prefix or "/"):
+            pages = self._container.list_blobs(name_starts_with=start, results_per_page=self.list_page_size).by_page()
+        while True:
+            with self._guard("cannot list", prefix or "/"):
+                page = next(pages, None)  # one List Blobs request per page, only when the caller wants more
+                if page is None:
+                    return
+                items = list(page)
+            for props in items:
+                yield self._info(props.name[len(self._root) :], props.size, props.etag, props.last_modified)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        names = [self._name(k) for k in keys]
+        batches = [names[i : i + min(self.delete_batch_size, MAX_BATCH)] for i in range(0, len(names), MAX_BATCH)]
+        batches = [b for b in batches if b]
+        if len(batches) == 1 and len(batches[0]) == 1:
+            self._delete_one(batches[0][0])
+            return
+        for batch in batches:
+            self._delete_batch(batch)
+
+    def _delete_one(self, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        key = name[len(self._root) :]
+        try:
+            with self._guard("cannot delete", key):
+                try:
+                    self._container.delete_blob(name, delete_snapshots="include")
+                except ResourceNotFoundError as exc:
+                    if _code(exc) == "ContainerNotFound":
+                        raise
+        except NotFound:
+            return
+
+    def _delete_batch(self, names: list[str]) -> None:
+        """One Blob Batch request; a sub-request answering 404 is fine, any other failure is raised."""
+        key = names[0][len(self._root) :]
+        with self._guard("cannot delete (batch)", key):
+            responses = list(self._container.delete_blobs(*names, delete_snapshots="include", raise_on_any_failure=False))
+        if len(responses) != len(names):  # a batch endpoint that did not answer per blob: delete one by one
+            with ThreadPoolExecutor(DELETE_THREADS) as pool:
+                list(pool.map(self._delete_one, names))
+            return
+        for name, response in zip(names, responses, strict=True):
+            status = int(response.status_code)
+            if status < 300 or status == 404:
+                continue
+            key = name[len(self._root) :]
+            where = f"azure blob {name} in container {self.container} (batch delete: HTTP {status})"
+            if status in (401, 403):
+                raise AccessDenied(f"cannot delete {where}", key=key, hint=_CREDENTIALS_HINT)
+            if status in (408, 429) or status >= 500:
+                raise TransientError(f"cannot delete {where}", key=key)
+            raise PermanentError(f"cannot delete {where}", key=key)
+
+
+class _AzureReader(ObjectReader):
+    """Copies the downloader's chunks (READ_CHUNK_SIZE each, fetched one at a time) into the caller's buffer."""
+
+    def __init__(self, storage: AzureStorage, key: str, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._storage = storage
+        self._key = key
+        self._chunks = chunks
+        self._chunk = memoryview(b"")
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._chunk:
+            with self._storage._guard("cannot read", self._key):
+                chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._chunk = memoryview(chunk)
+        n = min(len(buffer), len(self._chunk))
+        buffer[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n
+
+    def close(self) -> None:
+        self._chunk = memoryview(b"")
+        super().close()
+
+
+class _AzureWriter(PartWriter):
+    """Put Blob for one block; Put Block per block and Put Block List to publish larger objects."""
+
+    def __init__(self, storage: AzureStorage, key: str, mode: WriteMode) -> None:
+        super().__init__(key, mode, storage.block_size, storage.retry_policy)
+        self._storage = storage
+        self._client = storage._blob(key)
+        self._initial = storage.block_size
+        self._writer = uuid.uuid4().hex[:16]
+        self._attempted = False  # a publishing request was sent before (its outcome may be unknown)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        # Feed the buffer at most one block at a time so each block gets its size from the schedule.
+        view = memoryview(data).cast("B")
+        if not view:
+            return super().write(view)
+        start = 0
+        while start < len(view):
+            self.part_size = block_size_for(self._parts, self._initial)
+            super().write(view[start : start + self.part_size])
+            start += self.part_size
+        return len(view)
+
+    def _block_id(self, number: int) -> str:
+        return BLOCK_ID_FORMAT.format(writer=self._writer, number=number)  # the SDK base64-encodes it
+
+    def _conditions(self) -> dict[str, Any]:
+        from azure.core import MatchConditions
+
+        if isinstance(self.mode, CreateOnly):
+            return {"match_condition": MatchConditions.IfMissing}  # If-None-Match: *
+        if isinstance(self.mode, IfVersion):
+            return {"etag": self.mode.version, "match_condition": MatchConditions.IfNotModified}  # If-Match
+        return {}
+
+    def _publish(self, send: Callable[[], dict[str, Any]], size: int) -> ObjectInfo:
+        retry = self._attempted
+        self._attempted = True
+        try:
+            with self._storage._guard("cannot write", self.key, self.mode):
+                response = send()
+        except (AlreadyExists, PreconditionFailed, PermanentError) as exc:
+            mine = self._own_commit(exc, retry)
+            if mine is None:
+                raise
+            return mine
+        return self._storage._info(self.key, size, response["etag"], response.get("last_modified"))
+
+    def _own_commit(self, exc: StorageError, retry: bool) -> ObjectInfo | None:
+        """After a conflict, our own earlier commit (response lost) if that is what the blob holds now.
+
+        Also turns InvalidBlockList (our staged blocks were discarded by a concurrent commit) into the conflict
+        the write mode expects when the blob has changed.
+        """
+        lost_blocks = _code(exc.__cause__) == "InvalidBlockList"
+        if not retry and not lost_blocks:
+            return None
+        try:
+            props = self._client.get_blob_properties()
+        except _sdk_errors():
+            return None
+        if retry and (props.metadata or {}).get(WRITER_META) == self._writer:
+            return self._storage._info(self.key, props.size, props.etag, props.last_modified)
+        if lost_blocks and isinstance(self.mode, CreateOnly):
+            raise AlreadyExists(f"object {self.key} already exists", key=self.key) from exc
+        if lost_blocks and isinstance(self.mode, IfVersion) and _version(props.etag) != self.mode.version:
+            raise PreconditionFailed(f"object {self.key} changed since version {self.mode.version}", key=self.key)
+        return None
+
+    def _put_whole(self, data: bytes) -> ObjectInfo:
+        overwrite = not isinstance(self.mode, CreateOnly)
+        meta = {WRITER_META: self._writer}
+        return self._publish(
+            lambda: self._client.upload_blob(
+                data, length=len(data), overwrite=overwrite, metadata=meta, **self._conditions()
+            ),
+            len(data),
+        )
+
+    def _begin(self) -> None:
+        return None  # blocks are staged under the blob's name; there is no upload session to create
+
+    def _upload_part(self, number: int, offset: int, data: bytes) -> None:
+        # Thread-safe for distinct numbers: reads only attributes fixed at construction.
+        if number >= MAX_BLOCKS - 1:  # keep one block for _finish
+            raise PermanentError(
+                f"object {self.key} is too large for one Azure blob (more than {max_object_size(self._initial)} "
+                f"bytes in {MAX_BLOCKS} blocks)",
+                key=self.key,
+                hint="split the data into several objects",
+            )
+        with self._storage._guard("cannot upload block of", self.key):
+            self._client.stage_block(self._block_id(number), data, length=len(data))
+
+    def _finish(self, number: int, offset: int, data: bytes) -> ObjectInfo:
+        ids = [self._block_id(n) for n in range(number)]
+        if data:
+            self._upload_part(number, offset, data)
+            ids.append(self._block_id(number))
+        meta = {WRITER_META: self._writer}
+        return self._publish(
+            lambda: self._client.commit_block_list(ids, metadata=meta, **self._conditions()), offset + len(data)
+        )
+
+    def _cancel(self) -> None:
+        # Staged blocks cannot be deleted on their own (deleting the blob would delete another writer's
+        # committed object); they are invisible, and the service discards them after a week.
+        return None
