@@ -5,6 +5,8 @@
 <server>/wal/history/<TTTTTTTT>.history      timeline history files
 <server>/backups/<backup-id>/<name>          a base backup's data objects (one tar per tablespace)
 <server>/backups/<backup-id>/manifest.json   its manifest, written last: without it the backup does not exist
+<server>/backups/<backup-id>/keep.json       present while the backup is kept (`cloudbk keep`); retention skips it
+<server>/check/<token>                       a probe `cloudbk check` writes and deletes at once
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ _BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z?[A-Za-z0-9._-]*$")
 
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "manifest.json"
+KEEP_NAME = "keep.json"
 
 
 def check_server(server: str) -> str:
@@ -80,6 +83,27 @@ def backup_manifest_key(server: str, backup_id: str) -> str:
 
 
 def backup_object_key(server: str, backup_id: str, name: str) -> str:
-    if "/" in name or name in ("", MANIFEST_NAME):
+    if "/" in name or name in ("", MANIFEST_NAME, KEEP_NAME):
         raise UsageError(f"invalid backup object name {name!r}")
     return f"{backup_prefix(server, backup_id)}{name}"
+
+
+def backup_keep_key(server: str, backup_id: str) -> str:
+    """The keep mark of a backup (``cloudbk keep``): its presence is what protects the backup from retention."""
+    return f"{backup_prefix(server, backup_id)}{KEEP_NAME}"
+
+
+def backup_id_from_key(server: str, key: str) -> str | None:
+    """The backup id of a key under :func:`backups_prefix`, or None for a key outside it or a malformed id."""
+    prefix = backups_prefix(server)
+    if not key.startswith(prefix):
+        return None
+    backup_id = key[len(prefix) :].split("/", 1)[0]
+    return backup_id if _BACKUP_ID.match(backup_id) else None
+
+
+def check_probe_key(server: str, token: str) -> str:
+    """A short-lived object `cloudbk check` writes and deletes to prove the repository is writable."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", token):
+        raise UsageError(f"invalid probe token {token!r}")
+    return f"{check_server(server)}/check/{token}"

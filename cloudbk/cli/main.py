@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
-from types import ModuleType
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType, ModuleType
 from typing import NoReturn
 
 from cloudbk import __version__
@@ -21,9 +24,48 @@ from cloudbk.errors import CloudbkError, ExitCode, UsageError
 COMMANDS: dict[str, str] = {
     "wal-push": "wal_push",
     "wal-fetch": "wal_fetch",
+    "backup-push": "backup_push",
+    "backup-list": "backup_list",
+    "backup-show": "backup_show",
+    "restore": "restore",
+    "reindex": "reindex",
+    "retention": "retention",
+    "delete": "delete",
+    "keep": "keep",
+    "check": "check",
+    "wal-verify": "wal_verify",
 }
 
 log = logging.getLogger("cloudbk")
+
+
+class Terminated(BaseException):
+    """Raised in place of dying on SIGTERM, so ``finally`` blocks remove temporary files and abort uploads."""
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated`; :func:`main` then dies of SIGTERM itself.
+
+    PostgreSQL tells a restore_command killed by SIGTERM (a fast shutdown) from one that failed, so after
+    cleaning up the process must still end *by the signal*, not with an exit code.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _die_of_sigterm() -> NoReturn:
+    logging.shutdown()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise SystemExit(128 + signal.SIGTERM)  # not reached: the default action ends the process
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -91,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except UsageError as exc:
         print(f"cloudbk: ERROR: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        # a command may map even a usage error (wal-fetch during archive recovery must not exit "absent")
+        modname = COMMANDS.get(only) if only is not None else None
+        usage_handler = getattr(_module(modname), "exit_code_for", None) if modname else None
+        return int(usage_handler(exc, None)) if usage_handler else ExitCode.USAGE
     command: str = args.command
     _setup_logging(command, bool(args.verbose))
     module: ModuleType = args._module
@@ -102,13 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = module.run(args, settings)
         return code
     except CloudbkError as exc:
+        log.error("%s", exc)
         handler = getattr(module, "exit_code_for", None)
         code = handler(exc, args) if handler else exc.exit_code
-        log.error("%s", exc)
         return code
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except Terminated:
+        log.error("terminated by SIGTERM")
+        _die_of_sigterm()
 
 
 def _run(argv: Sequence[str]) -> NoReturn:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import http.client
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -53,17 +52,15 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 
-# Service limits of block blobs, from the Put Block / Put Block List / Blob Batch REST references and
-# "Scalability and performance targets for Blob storage" (learn.microsoft.com/rest/api/storageservices/put-block,
-# .../put-block-list, .../blob-batch):
-MAX_BLOCKS = 50_000  # committed blocks per blob
-MAX_BLOCK_SIZE = 4000 * MiB  # bytes per block (service version 2019-12-12 and later)
-MAX_BATCH = 256  # sub-requests per Blob Batch request
+# Service limits, from the Azure Storage REST reference (learn.microsoft.com/en-us/rest/api/storageservices/):
+MAX_BLOCKS = 50_000  # committed blocks per blob ("Put Block List")
+MAX_BLOCK_SIZE = 4000 * MiB  # bytes per block, service version 2019-12-12 and later ("Put Block")
+MAX_BATCH = 256  # sub-requests per batch ("Blob Batch")
 
 DEFAULT_BLOCK_SIZE = 8 * MiB
 # Block sizes for a stream of unknown length: the initial size for the first BLOCKS_PER_DOUBLING blocks, then
-# doubling every BLOCKS_PER_DOUBLING blocks up to MAX_BLOCK_SIZE. From 8 MiB this keeps blocks at 32 MiB up to
-# ~200 GiB and 256 MiB up to ~2 TiB, and fits ~69 TiB in MAX_BLOCKS; memory stays one block.
+# doubling every BLOCKS_PER_DOUBLING blocks up to MAX_BLOCK_SIZE. From 8 MiB, blocks stay at most 32 MiB up to
+# ~219 GiB and 256 MiB up to ~1.9 TiB, and MAX_BLOCKS hold ~69 TiB. Writer memory is a few blocks at most.
 BLOCKS_PER_DOUBLING = 4000
 # Block ids are "<16 hex writer id>-<5 digit block number>". Azure requires all block ids of a blob, committed
 # or staged by any writer, to have the same length: never change the length of this format.
@@ -74,7 +71,6 @@ CONNECT_TIMEOUT = 10.0  # seconds to establish a connection
 READ_TIMEOUT = 60.0  # seconds without a byte from the service
 FIRST_GET_SIZE = 8 * MiB  # the first GET of a read (and all of a small object): one request for WAL and the index
 READ_CHUNK_SIZE = 4 * MiB  # later GETs of a streamed read: memory held by a reader
-DELETE_THREADS = 8
 
 _CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _URL_QUERY = re.compile(r"\?[^\s'\")]+")  # a SAS token in a URL quoted by a transport error message
@@ -164,8 +160,8 @@ def _build_client(options: StorageOptions) -> Any:
         if not endpoint:
             return client
         # the endpoint option overrides the connection string's endpoint; keep its credential
-        fields = dict(f.split("=", 1) for f in connection_string.split(";") if "=" in f)
-        sas = {k.lower(): v for k, v in fields.items()}.get("sharedaccesssignature")
+        fields = {k.strip().lower(): v for k, v in (f.split("=", 1) for f in connection_string.split(";") if "=" in f)}
+        sas = fields.get("sharedaccesssignature")
         return BlobServiceClient(endpoint, credential=sas or client.credential, **settings)
     account = env("AZURE_STORAGE_ACCOUNT") or (_account_from_endpoint(endpoint) if endpoint else None)
     if not account:
@@ -211,6 +207,9 @@ class AzureStorage(Storage):
 
     def close(self) -> None:
         self._service.close()
+        close_credential = getattr(self._service.credential, "close", None)  # DefaultAzureCredential
+        if callable(close_credential):
+            close_credential()
 
     # -- helpers ------------------------------------------------------------------------------------------
 
@@ -222,18 +221,20 @@ class AzureStorage(Storage):
 
     def _error(self, exc: BaseException, what: str, key: str, mode: WriteMode | None = None) -> StorageError:
         """Translate one SDK or transport error about ``key`` into the taxonomy of cloudbk.errors."""
-        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+        from azure.core.exceptions import ClientAuthenticationError, DecodeError, HttpResponseError
 
         where = f"azure blob {self._root}{key} in container {self.container} at {self._endpoint}"
         status = getattr(exc, "status_code", None) if isinstance(exc, HttpResponseError) else None
         code = _code(exc)
-        if status is None and not isinstance(exc, ClientAuthenticationError):
-            # no HTTP answer: refused or reset connection, timeout, truncated body
+        no_answer = status is None or status < 400 or isinstance(exc, DecodeError)
+        if no_answer and not isinstance(exc, ClientAuthenticationError):
+            # no error answer from the service: refused or reset connection, timeout, truncated body
             detail = _URL_QUERY.sub("?…", f"{type(exc).__name__}: {exc}".splitlines()[0])
             return TransientError(
                 f"{what} {where}: {detail}", key=key, hint="check that the Blob endpoint is reachable and healthy"
             )
-        detail = f"HTTP {status} {code}".rstrip() + (f": {exc.reason}" if getattr(exc, "reason", None) else "")
+        reason = getattr(exc, "reason", None)
+        detail = f"HTTP {status} {code}".rstrip() + (f": {reason}" if reason else "")
         message = f"{what} {where}: {detail}"
         if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
             return AccessDenied(message, key=key, hint=_CREDENTIALS_HINT)
@@ -246,10 +247,12 @@ class AzureStorage(Storage):
             )
         if isinstance(mode, CreateOnly) and (status == 412 or code == "BlobAlreadyExists"):
             return AlreadyExists(f"object {key} already exists ({where})", key=key)
-        if isinstance(mode, IfVersion) and status in (404, 409, 412):
+        if isinstance(mode, IfVersion) and (status == 412 or code == "BlobNotFound"):
             return PreconditionFailed(f"object {key} changed since version {mode.version} ({where})", key=key)
         if status == 404:
             return NotFound(f"object {key} not found ({where})", key=key)
+        if status == 412 and mode is None:
+            return PermanentError(message, key=key, hint="the object was replaced while being read; read it again")
         if status in (408, 429) or (status is not None and status >= 500) or code in ("ServerBusy", "InternalError"):
             return TransientError(message, key=key, hint="the service is busy or failing; retried until the deadline")
         return PermanentError(message, key=key)
@@ -268,8 +271,10 @@ class AzureStorage(Storage):
         """Start a download; the first GET (up to FIRST_GET_SIZE) happens here, so NotFound is eager."""
         blob = self._blob(key)
         with self._guard("cannot read", key):
-            # offset None, not 0, for a whole read: the SDK then handles empty blobs (a ranged GET is a 416)
-            return blob.download_blob(offset=offset or None if length is None else offset, length=length)
+            if offset == 0 and length is None:
+                # a whole read without a range: the SDK then handles empty blobs (a ranged GET of one is a 416)
+                return blob.download_blob()
+            return blob.download_blob(offset=offset, length=length)
 
     # -- the contract -------------------------------------------------------------------------------------
 
@@ -324,37 +329,27 @@ class AzureStorage(Storage):
 
     def delete_many(self, keys: Iterable[str]) -> None:
         names = [self._name(k) for k in keys]
-        batches = [names[i : i + min(self.delete_batch_size, MAX_BATCH)] for i in range(0, len(names), MAX_BATCH)]
-        batches = [b for b in batches if b]
-        if len(batches) == 1 and len(batches[0]) == 1:
-            self._delete_one(batches[0][0])
+        size = max(1, min(self.delete_batch_size, MAX_BATCH))
+        if len(names) == 1:
+            self._delete_one(names[0])  # one plain request is cheaper than a batch of one
             return
-        for batch in batches:
-            self._delete_batch(batch)
+        for start in range(0, len(names), size):
+            self._delete_batch(names[start : start + size])
 
     def _delete_one(self, name: str) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        key = name[len(self._root) :]
         try:
-            with self._guard("cannot delete", key):
-                try:
-                    self._container.delete_blob(name, delete_snapshots="include")
-                except ResourceNotFoundError as exc:
-                    if _code(exc) == "ContainerNotFound":
-                        raise
+            with self._guard("cannot delete", name[len(self._root) :]):
+                self._container.delete_blob(name, delete_snapshots="include")
         except NotFound:
             return
 
-    def _delete_batch(self, names: list[str]) -> None:
+    def _delete_batch(self, names: Sequence[str]) -> None:
         """One Blob Batch request; a sub-request answering 404 is fine, any other failure is raised."""
         key = names[0][len(self._root) :]
         with self._guard("cannot delete (batch)", key):
-            responses = list(self._container.delete_blobs(*names, delete_snapshots="include", raise_on_any_failure=False))
-        if len(responses) != len(names):  # a batch endpoint that did not answer per blob: delete one by one
-            with ThreadPoolExecutor(DELETE_THREADS) as pool:
-                list(pool.map(self._delete_one, names))
-            return
+            responses = list(
+                self._container.delete_blobs(*names, delete_snapshots="include", raise_on_any_failure=False)
+            )
         for name, response in zip(names, responses, strict=True):
             status = int(response.status_code)
             if status < 300 or status == 404:
@@ -461,7 +456,15 @@ class _AzureWriter(PartWriter):
         if lost_blocks and isinstance(self.mode, CreateOnly):
             raise AlreadyExists(f"object {self.key} already exists", key=self.key) from exc
         if lost_blocks and isinstance(self.mode, IfVersion) and _version(props.etag) != self.mode.version:
-            raise PreconditionFailed(f"object {self.key} changed since version {self.mode.version}", key=self.key)
+            raise PreconditionFailed(
+                f"object {self.key} changed since version {self.mode.version}", key=self.key
+            ) from exc
+        if lost_blocks:
+            raise PermanentError(
+                f"{exc.message}; another writer committed {self.key} during the upload, which discarded its blocks",
+                key=self.key,
+                hint="write the object again",
+            ) from exc
         return None
 
     def _put_whole(self, data: bytes) -> ObjectInfo:
@@ -478,21 +481,25 @@ class _AzureWriter(PartWriter):
         return None  # blocks are staged under the blob's name; there is no upload session to create
 
     def _upload_part(self, number: int, offset: int, data: bytes) -> None:
-        # Thread-safe for distinct numbers: reads only attributes fixed at construction.
-        if number >= MAX_BLOCKS - 1:  # keep one block for _finish
+        if number >= MAX_BLOCKS - 1:  # keep the last block for _finish
             raise PermanentError(
                 f"object {self.key} is too large for one Azure blob (more than {max_object_size(self._initial)} "
                 f"bytes in {MAX_BLOCKS} blocks)",
                 key=self.key,
                 hint="split the data into several objects",
             )
+        self._stage(number, data)
+
+    def _stage(self, number: int, data: bytes) -> None:
+        # Thread-safe for distinct numbers: reads only attributes fixed at construction. Idempotent: staging
+        # the same id again replaces the block.
         with self._storage._guard("cannot upload block of", self.key):
             self._client.stage_block(self._block_id(number), data, length=len(data))
 
     def _finish(self, number: int, offset: int, data: bytes) -> ObjectInfo:
         ids = [self._block_id(n) for n in range(number)]
         if data:
-            self._upload_part(number, offset, data)
+            self._stage(number, data)
             ids.append(self._block_id(number))
         meta = {WRITER_META: self._writer}
         return self._publish(

@@ -1,0 +1,420 @@
+"""The ``backup-push`` use case: a non-exclusive base backup streamed to the repository.
+
+Order of writes (data first, index after, manifest last — readers go the other way):
+1. ``pg_backup_start``; one tar stream per tablespace (worker threads) and one for PGDATA (this thread),
+   each read straight from disk -> tar -> compressor -> multipart upload, create-only;
+2. ``global/pg_control`` read last, then ``pg_backup_stop``; its ``backup_label`` and ``tablespace_map``
+   and then pg_control end the PGDATA tar (a tar cut short has no pg_control, so it cannot start a server);
+3. wait, bounded, until the WAL from the begin to the end segment is in the archive (SPEC §3 rule 4);
+4. the manifest, create-only: from here on the backup exists;
+5. the index entry, by compare-and-swap.
+If anything fails before step 4 the objects written so far are deleted (best effort; they are invisible
+without a manifest anyway) and closing the session aborts the backup on the server.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from cloudbk import __version__, layout
+from cloudbk.compression import CompressingWriter
+from cloudbk.envelope import Header
+from cloudbk.errors import AlreadyExists, CloudbkError, ConflictError, OperationFailed, UsageError
+from cloudbk.index import Index, load_index, update_index
+from cloudbk.manifest import BASE_TAR, Manifest, Tablespace, TarEntry, format_time
+from cloudbk.pgconn import BackupStop, parse_backup_label, pg_control_system_identifier
+from cloudbk.pgdata import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, scan_data_directory, scan_tablespace
+from cloudbk.progress import NoProgress, Progress
+from cloudbk.storage.base import CREATE_ONLY, ObjectWriter, Storage
+from cloudbk.tarstream import TarWriter
+from cloudbk.wal import lsn_segno, segment_name
+
+log = logging.getLogger("cloudbk.backup")
+
+DEFAULT_WAL_WAIT = 300.0  # seconds to wait for the end segment to reach the archive
+EXTENSIONS = {"zstd": ".zst", "lz4": ".lz4", "gzip": ".gz", "none": ""}
+
+
+class BackupSource(Protocol):
+    """What a backup needs from the server (implemented by :class:`cloudbk.pgconn.PgConnection`)."""
+
+    version: int
+
+    def system_identifier(self) -> str: ...
+    def setting(self, name: str) -> str: ...
+    def in_recovery(self) -> bool: ...
+    def clock(self) -> datetime: ...
+    def next_xid(self) -> int: ...
+    def tablespaces(self) -> list[Tablespace]: ...
+    def backup_start(self, label: str, fast: bool = True) -> int: ...
+    def backup_stop(self) -> BackupStop: ...
+    def archiver_status(self) -> str: ...
+
+
+@dataclass
+class BackupOptions:
+    pgdata: str
+    compression: str = "zstd"
+    fast_checkpoint: bool = True
+    wal_wait: float = DEFAULT_WAL_WAIT
+    compress_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+def new_backup_id(storage: Storage, server: str, now: datetime | None = None) -> str:
+    """A time-sortable id, unused in the repository. Ids are names, never an order: see BackupSummary."""
+    base = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        candidate = base if n == 1 else f"{base}-{n}"
+        if next(iter(storage.list(layout.backup_prefix(server, candidate))), None) is None:
+            return candidate
+    raise OperationFailed(f"no free backup id for {base}")  # pragma: no cover - 999 backups in one second
+
+
+class _Cancelled(Exception):
+    """Another stream of the same backup failed; this one stops."""
+
+
+class _Counter:
+    """Thread-safe byte counter feeding the progress reporter; also where streams notice a cancellation."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self.total = 0
+        self.cancel = threading.Event()
+
+    def __call__(self, n: int) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled("backup cancelled")
+        with self._lock:
+            self.total += n
+        self._progress.advance(n)
+
+
+class _TarUpload:
+    """One tar stream being written: envelope header, then tar -> compressor -> object writer."""
+
+    def __init__(
+        self, storage: Storage, key: str, name: str, compression: str, threads: int, on_bytes: _Counter
+    ) -> None:
+        self.name = name
+        self.key = key
+        self.writer: ObjectWriter = storage.open_write(key, CREATE_ONLY)
+        try:
+            self.writer.write(Header(kind="tar", name=name, compression=compression).encode())
+            self.compressor = CompressingWriter(compression, self.writer, threads=threads)
+        except BaseException:
+            self.writer.abort()
+            raise
+        self.tar = TarWriter(self.compressor, on_bytes)
+        self.files: list[tuple[str, int, str]] = []
+        self.shrunk = 0
+
+    def add(self, entry: Entry) -> None:
+        if entry.kind == "d":
+            self.tar.add_dir(entry.rel, entry.mode, entry.mtime)
+        elif entry.kind == "l":
+            self.tar.add_symlink(entry.rel, entry.target, entry.mode, entry.mtime)
+        else:
+            self.add_file(entry.rel, entry.path)
+
+    def add_file(self, rel: str, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.debug("%s vanished during the backup; WAL replay recreates it if it is needed", path)
+            return
+        except OSError as exc:
+            raise OperationFailed(f"cannot read {path}: {exc.strerror}", key=path) from exc
+        try:
+            st = os.fstat(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            try:
+                entry, short = self.tar.add_file(rel, fd, st.st_size, st.st_mode, st.st_mtime)
+            except OSError as exc:
+                raise OperationFailed(f"cannot read {path}: {exc.strerror}", key=path) from exc
+        finally:
+            os.close(fd)
+        if short:
+            self.shrunk += 1
+            log.debug("%s shrank by %d bytes while it was copied; padded with zeros", path, short)
+        self.files.append((entry.path, entry.size, entry.sha256))
+
+    def add_bytes(self, rel: str, data: bytes) -> None:
+        entry = self.tar.add_bytes(rel, data)
+        self.files.append((entry.path, entry.size, entry.sha256))
+
+    def finish(self, tablespace_oid: int | None) -> TarEntry:
+        from cloudbk.manifest import FileEntry
+
+        self.tar.close()
+        self.compressor.finish()
+        info = self.writer.commit()
+        return TarEntry(
+            name=self.name,
+            tablespace_oid=tablespace_oid,
+            size=self.compressor.size,
+            sha256=self.compressor.sha256,
+            stored_size=info.size,
+            files=[FileEntry(p, s, h) for p, s, h in self.files],
+        )
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _stream_entries(upload: _TarUpload, entries: list[Entry]) -> None:
+    for entry in entries:
+        upload.add(entry)
+
+
+def _check_pgdata(pgdata: str, system_identifier: str) -> None:
+    control = os.path.join(pgdata, PG_CONTROL)
+    if not os.path.isfile(os.path.join(pgdata, "PG_VERSION")) or not os.path.isfile(control):
+        raise UsageError(
+            f"{pgdata} is not a PostgreSQL data directory (no PG_VERSION or global/pg_control)",
+            key=pgdata,
+            hint="pass --pgdata (or PGDATA) naming the data directory of the server cloudbk connects to",
+        )
+    try:
+        on_disk = pg_control_system_identifier(control)
+    except PermissionError as exc:
+        raise UsageError(
+            f"cannot read {control}: permission denied", key=control, hint="run backup-push as the server's OS user"
+        ) from exc
+    if on_disk != system_identifier:
+        raise UsageError(
+            f"{pgdata} belongs to database system {on_disk}, "
+            f"but the server cloudbk connected to is {system_identifier}",
+            key=pgdata,
+            hint="--pgdata and --dbname must name the same cluster",
+        )
+
+
+def wait_for_wal(
+    storage: Storage,
+    server: str,
+    timeline: int,
+    first: int,
+    last: int,
+    segment_size: int,
+    timeout: float,
+    diagnose: Callable[[], str] = lambda: "",
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Wait until segments ``first..last`` of ``timeline`` are archived: the index first, then a ``stat`` of
+    the exact keys the index does not list yet (an index update may lag behind the object)."""
+    deadline = clock() + timeout
+    missing = list(range(first, last + 1))
+    delay = 0.1
+    while True:
+        index = load_index(storage, server)
+        missing = [s for s in missing if not index.has_segment(timeline, s)]
+        while missing and storage.exists(layout.wal_key(server, segment_name(timeline, missing[0], segment_size))):
+            missing.pop(0)
+        if not missing:
+            return
+        if clock() >= deadline:
+            name = segment_name(timeline, missing[0], segment_size)
+            status = diagnose()
+            raise OperationFailed(
+                f"WAL segment {name} was not archived within {timeout:.0f}s after the backup ended; "
+                f"the backup is not complete" + (f" ({status})" if status else ""),
+                key=layout.wal_key(server, name),
+                hint="check archive_command (it must run cloudbk-wal-push with this --repo/--server) and the "
+                "server log; pg_stat_archiver shows the last failure. --wal-wait sets how long to wait",
+            )
+        sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def take_backup(
+    storage: Storage, server: str, source: BackupSource, options: BackupOptions, progress: Progress | None = None
+) -> Manifest:
+    """Take one base backup; return its manifest (already stored and indexed)."""
+    progress = progress or NoProgress()
+    pgdata = os.path.abspath(options.pgdata)
+    system_identifier = source.system_identifier()
+    _check_pgdata(pgdata, system_identifier)
+    if source.setting("archive_mode") == "off":
+        raise UsageError(
+            "archive_mode is off: a base backup is only restorable with the WAL written during it",
+            hint="set archive_mode = on and archive_command = 'cloudbk-wal-push %p' (with the repository "
+            "settings) in postgresql.conf and restart the server",
+        )
+    if source.in_recovery():
+        raise UsageError("the server is a standby; cloudbk takes base backups from the primary only")
+    index = load_index(storage, server)
+    if index.system_identifier not in (None, system_identifier):
+        raise ConflictError(
+            f"server {server!r} in the repository holds database system {index.system_identifier}, "
+            f"not {system_identifier}",
+            key=layout.index_key(server),
+            hint="use another --server name for this cluster",
+        )
+    segment_size = int(source.setting("wal_segment_size"))
+    major = source.version // 10000
+    tablespaces = source.tablespaces()
+    for ts in tablespaces:
+        if not os.path.isdir(ts.location):
+            raise OperationFailed(f"tablespace {ts.name} directory {ts.location} is not readable here", key=ts.location)
+
+    backup_id = new_backup_id(storage, server)
+    ext = EXTENSIONS[options.compression]
+    uploads: list[_TarUpload] = []
+    manifest_written = False
+    try:
+        begin_lsn = source.backup_start(f"cloudbk {backup_id}", options.fast_checkpoint)
+        begin_time = source.clock()
+        log.info("backup %s started at %s", backup_id, f"{begin_lsn >> 32:X}/{begin_lsn & 0xFFFFFFFF:X}")
+
+        base_entries = scan_data_directory(pgdata)
+        ts_entries = {ts.oid: scan_tablespace(ts.location, f"PG_{major}_") for ts in tablespaces}
+        total = sum(e.size for e in base_entries) + sum(e.size for es in ts_entries.values() for e in es)
+        progress.start(f"backup {backup_id}", total)
+        counter = _Counter(progress)
+        threads = max(1, options.compress_threads // (1 + len(tablespaces)))
+
+        base = _TarUpload(
+            storage, layout.backup_object_key(server, backup_id, f"{BASE_TAR}.tar{ext}"), f"{BASE_TAR}.tar{ext}",
+            options.compression, threads, counter,
+        )  # fmt: skip
+        uploads.append(base)
+        ts_uploads: dict[int, _TarUpload] = {}
+        for ts in tablespaces:
+            name = f"{ts.oid}.tar{ext}"
+            up = _TarUpload(
+                storage, layout.backup_object_key(server, backup_id, name), name, options.compression, threads, counter
+            )
+            uploads.append(up)
+            ts_uploads[ts.oid] = up
+        cancel = threading.Event()
+        counter.cancel = cancel
+
+        def stream_tablespace(oid: int) -> TarEntry:
+            try:
+                _stream_entries(ts_uploads[oid], ts_entries[oid])
+                return ts_uploads[oid].finish(oid)
+            except BaseException:
+                cancel.set()  # stop the other streams soon: the backup has failed
+                raise
+
+        with cf.ThreadPoolExecutor(max_workers=max(1, len(tablespaces)), thread_name_prefix="cloudbk-tblspc") as pool:
+            futures = {oid: pool.submit(stream_tablespace, oid) for oid in ts_uploads}
+            try:
+                _stream_entries(base, base_entries)
+                with open(os.path.join(pgdata, PG_CONTROL), "rb") as f:
+                    pg_control = f.read()
+                ts_tars = {oid: fut.result() for oid, fut in futures.items()}
+            except _Cancelled:
+                cf.wait(futures.values())
+                for fut in futures.values():  # report the stream that failed first, not the cancellation
+                    error = fut.exception()
+                    if error is not None and not isinstance(error, _Cancelled):
+                        raise error from None
+                raise
+            except BaseException:
+                cancel.set()
+                raise
+
+        stop = source.backup_stop()
+        end_time = source.clock()
+        next_xid = source.next_xid()
+        base.add_bytes(BACKUP_LABEL, stop.backup_label.encode())
+        if stop.tablespace_map:
+            base.add_bytes(TABLESPACE_MAP, stop.tablespace_map.encode())
+        base.add_bytes(PG_CONTROL, pg_control)
+        base_tar = base.finish(None)
+        progress.finish()
+
+        label = parse_backup_label(stop.backup_label)
+        begin_wal = label["START WAL LOCATION"].split("file ")[1].rstrip(")")
+        timeline = int(label["START TIMELINE"])
+        # the stop point ends the backup-end record: its segment is the one before it when it sits on a boundary
+        end_seg = lsn_segno(stop.lsn - 1, segment_size)
+        begin_seg = lsn_segno(begin_lsn, segment_size)
+        end_wal = segment_name(timeline, end_seg, segment_size)
+        shrunk = sum(u.shrunk for u in uploads)
+        if shrunk:
+            log.info("%d files shrank while they were copied (normal under load; WAL replay repairs them)", shrunk)
+
+        progress.note(f"waiting for WAL {begin_wal} .. {end_wal} to be archived")
+        wait_for_wal(
+            storage, server, timeline, begin_seg, end_seg, segment_size, options.wal_wait, source.archiver_status
+        )
+
+        manifest = Manifest(
+            id=backup_id,
+            server=server,
+            system_identifier=system_identifier,
+            pg_version=source.version,
+            timeline=timeline,
+            begin_lsn=begin_lsn,
+            end_lsn=stop.lsn,
+            begin_wal=begin_wal,
+            end_wal=end_wal,
+            begin_time=format_time(begin_time),
+            end_time=format_time(end_time),
+            wal_segment_size=segment_size,
+            compression=options.compression,
+            tablespaces=tablespaces,
+            tars=[base_tar, *(ts_tars[ts.oid] for ts in tablespaces)],
+            next_xid=next_xid,
+            label=label.get("LABEL", ""),
+            pgdata=pgdata,
+            hostname=socket.gethostname(),
+            tool=f"cloudbk {__version__}",
+        )
+        progress.note("writing the manifest")
+        try:
+            storage.put_bytes(layout.backup_manifest_key(server, backup_id), manifest.to_json(), CREATE_ONLY)
+        except AlreadyExists as exc:
+            raise ConflictError(
+                f"backup {backup_id} already has a manifest: another backup-push used the same id",
+                key=layout.backup_manifest_key(server, backup_id),
+            ) from exc
+        manifest_written = True
+    except BaseException:
+        for up in uploads:
+            up.abort()
+        if not manifest_written:
+            _discard(storage, server, backup_id)
+        raise
+
+    def add(idx: Index) -> bool:
+        if idx.system_identifier is None:
+            idx.system_identifier = system_identifier
+        if idx.wal_segment_size is None:
+            idx.wal_segment_size = segment_size
+        if idx.backups.get(backup_id) == manifest.summary():
+            return False
+        idx.backups[backup_id] = manifest.summary()
+        return True
+
+    try:
+        update_index(storage, server, add)
+    except CloudbkError as exc:
+        raise OperationFailed(
+            f"backup {backup_id} is stored but the index could not be updated: {exc.message}",
+            key=layout.index_key(server),
+            hint="run `cloudbk reindex` to add it",
+        ) from exc
+    return manifest
+
+
+def _discard(storage: Storage, server: str, backup_id: str) -> None:
+    try:
+        keys = [info.key for info in storage.list(layout.backup_prefix(server, backup_id))]
+        storage.delete_many(keys)
+    except Exception as exc:
+        log.warning("could not remove the objects of the failed backup %s: %s", backup_id, exc)

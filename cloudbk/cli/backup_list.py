@@ -1,0 +1,81 @@
+"""``cloudbk backup-list [--json]``: the complete backups, oldest first (by end LSN and time, never by id)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from cloudbk.cli.output import human_size, table
+from cloudbk.config import Settings
+from cloudbk.index import Index
+from cloudbk.manifest import BackupSummary
+
+HELP = "list the complete backups with their WAL range, sizes and the WAL archived after them"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def describe(index: Index, backup: BackupSummary) -> dict[str, Any]:
+    """A backup's summary plus how far the archive reaches from it without a gap."""
+    from cloudbk.pitr import wal_after
+
+    reach = wal_after(index, backup)
+    doc = backup.to_dict()
+    doc["compression_ratio"] = round(backup.ratio, 2)
+    doc["wal_after"] = {
+        "segments": reach.segments,
+        "last_segment": reach.last,
+        "first_gap": reach.gap,
+        "restorable": reach.consistent,
+    }
+    return doc
+
+
+def wal_text(doc: dict[str, Any]) -> str:
+    wal = doc["wal_after"]
+    if not wal["restorable"]:
+        return f"MISSING {wal['first_gap']}"
+    text = f"to {wal['last_segment']}"
+    if wal["first_gap"]:
+        text += f" (gap at {wal['first_gap']})"
+    return text
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk.index import load_index
+    from cloudbk.manifest import complete_backups
+    from cloudbk.storage.registry import open_storage
+
+    storage = open_storage(settings.require_repo(), settings.storage_options())
+    try:
+        index = load_index(storage, settings.server)
+    finally:
+        storage.close()
+    docs = [describe(index, b) for b in complete_backups(index.backups)]
+    if args.json:
+        print(json.dumps(docs, indent=1))
+        return 0
+    if not docs:
+        print(f"no backups for server {settings.server!r}")
+        return 0
+    rows = [
+        [
+            d["id"],
+            d["status"],
+            d["end_time"][:19].replace("T", " "),
+            str(d["timeline"]),
+            d["begin_lsn"],
+            d["end_lsn"],
+            human_size(d["data_size"]),
+            human_size(d["stored_size"]),
+            f"{d['compression_ratio']:.1f}x",
+            wal_text(d),
+        ]
+        for d in docs
+    ]
+    header = ["ID", "STATUS", "END TIME (UTC)", "TL", "BEGIN LSN", "END LSN", "SIZE", "STORED", "RATIO", "WAL AFTER"]
+    print(table(rows, header))
+    return 0

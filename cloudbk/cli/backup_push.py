@@ -1,0 +1,87 @@
+"""``cloudbk backup-push [--pgdata DIR]``: take a base backup of a running server and store it.
+
+The last line on stdout is the new backup id (scripts capture it); everything else goes to stderr: a
+progress bar on a terminal, a few log lines otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cloudbk.basebackup import DEFAULT_WAL_WAIT, BackupOptions, take_backup
+from cloudbk.cli.main import terminate_on_sigterm
+from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
+from cloudbk.config import Settings
+from cloudbk.errors import UsageError
+from cloudbk.wal import format_lsn
+
+HELP = "take a base backup of a running PostgreSQL server and store it (prints the backup id last)"
+BACKUP_RETRY_DEADLINE = 300.0  # a backup is long; riding out a few minutes of storage trouble is worth it
+
+log = logging.getLogger("cloudbk")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wal-wait",
+        type=float,
+        default=DEFAULT_WAL_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait for the backup's last WAL segment to be archived (default {DEFAULT_WAL_WAIT:.0f})",
+    )
+    parser.add_argument(
+        "--spread-checkpoint",
+        action="store_true",
+        help="let the starting checkpoint follow checkpoint_completion_target instead of running at full speed",
+    )
+    parser.add_argument(
+        "--compress-threads", type=int, default=None, metavar="N", help="zstd worker threads (default: CPU count)"
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk.pgconn import PgConnection
+    from cloudbk.storage.registry import open_storage
+
+    if args.wal_wait < 0:
+        raise UsageError("--wal-wait must not be negative")
+    with terminate_on_sigterm():
+        storage = open_storage(settings.require_repo(), settings.storage_options(BACKUP_RETRY_DEADLINE))
+        try:
+            with PgConnection(settings.dbname, application_name="cloudbk backup-push") as conn:
+                pgdata = settings.pgdata or conn.data_directory()
+                options = BackupOptions(
+                    pgdata=pgdata,
+                    compression=settings.compression,
+                    fast_checkpoint=not args.spread_checkpoint,
+                    wal_wait=args.wal_wait,
+                )
+                if args.compress_threads is not None:
+                    options.compress_threads = max(0, args.compress_threads)
+                manifest = take_backup(storage, settings.server, conn, options, ConsoleProgress())
+        finally:
+            storage.close()
+    ratio = manifest.data_size / manifest.stored_size if manifest.stored_size else 0.0
+    log.info(
+        "backup %s complete: timeline %d, WAL %s .. %s (%s .. %s), %d files, %s stored as %s (%.1fx) in %s",
+        manifest.id,
+        manifest.timeline,
+        format_lsn(manifest.begin_lsn),
+        format_lsn(manifest.end_lsn),
+        manifest.begin_wal,
+        manifest.end_wal,
+        manifest.file_count,
+        human_size(manifest.data_size),
+        human_size(manifest.stored_size),
+        ratio,
+        human_duration(_seconds(manifest.begin_time, manifest.end_time)),
+    )
+    print(manifest.id, flush=True)
+    return 0
+
+
+def _seconds(begin: str, end: str) -> float:
+    from cloudbk.manifest import parse_time
+
+    return (parse_time(end) - parse_time(begin)).total_seconds()

@@ -1,0 +1,93 @@
+"""``cloudbk backup-show ID|latest [--json]``: one backup in detail, from its manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cloudbk.cli.output import human_duration, human_size
+from cloudbk.config import Settings
+
+HELP = "show one backup (ID or 'latest'): WAL range, times, sizes, tablespaces, WAL archived after it"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("backup_id", metavar="ID|latest", help="the backup id, or 'latest' for the newest backup")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--files", action="store_true", help="also list every file with its size and SHA-256")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk import layout
+    from cloudbk.cli.backup_list import describe, wal_text
+    from cloudbk.errors import NotFound, OperationFailed
+    from cloudbk.index import load_index
+    from cloudbk.manifest import Manifest, complete_backups, parse_time
+    from cloudbk.storage.registry import open_storage
+
+    storage = open_storage(settings.require_repo(), settings.storage_options())
+    try:
+        index = load_index(storage, settings.server)
+        backups = complete_backups(index.backups)
+        if args.backup_id == "latest":
+            if not backups:
+                raise OperationFailed(f"server {settings.server!r} has no backups", hint="see `cloudbk backup-list`")
+            summary = backups[-1]
+        else:
+            layout.check_backup_id(args.backup_id)
+            found = [b for b in backups if b.id == args.backup_id]
+            if not found:
+                raise OperationFailed(f"backup {args.backup_id} does not exist", hint="see `cloudbk backup-list`")
+            summary = found[0]
+        key = layout.backup_manifest_key(settings.server, summary.id)
+        try:
+            manifest = Manifest.from_json(storage.get_bytes(key), key)
+        except NotFound as exc:
+            raise OperationFailed(
+                f"backup {summary.id} is in the index but its manifest is gone", key=key, hint="run `cloudbk reindex`"
+            ) from exc
+    finally:
+        storage.close()
+
+    doc = describe(index, summary)
+    doc["tablespaces"] = [{"oid": t.oid, "name": t.name, "location": t.location} for t in manifest.tablespaces]
+    doc["tars"] = [
+        {"name": t.name, "tablespace_oid": t.tablespace_oid, "size": t.size, "sha256": t.sha256,
+         "stored_size": t.stored_size, "files": len(t.files)}
+        for t in manifest.tars
+    ]  # fmt: skip
+    doc.update(label=manifest.label, pgdata=manifest.pgdata, hostname=manifest.hostname, tool=manifest.tool)
+    if args.files:
+        doc["files"] = [{"tar": t.name, "path": f.path, "size": f.size, "sha256": f.sha256} for t in manifest.tars
+                        for f in t.files]  # fmt: skip
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    seconds = (parse_time(summary.end_time) - parse_time(summary.begin_time)).total_seconds()
+    lines = [
+        ("backup", summary.id),
+        ("status", summary.status),
+        ("system identifier", summary.system_identifier),
+        ("PostgreSQL", f"{summary.pg_version // 10000}.{summary.pg_version % 100} ({summary.pg_version})"),
+        ("timeline", str(summary.timeline)),
+        ("begin", f"{summary.begin_time}  LSN {doc['begin_lsn']}  WAL {summary.begin_wal}"),
+        ("end", f"{summary.end_time}  LSN {doc['end_lsn']}  WAL {summary.end_wal}"),
+        ("duration", human_duration(seconds)),
+        ("size", f"{human_size(summary.data_size)} in {summary.file_count} files"),
+        ("stored", f"{human_size(summary.stored_size)} ({summary.compression}, ratio {summary.ratio:.2f})"),
+        ("WAL after it", f"{doc['wal_after']['segments']} segments, {wal_text(doc)}"),
+        ("label", manifest.label),
+        ("source", f"{manifest.hostname}:{manifest.pgdata} ({manifest.tool})"),
+    ]
+    for ts in manifest.tablespaces:
+        lines.append(("tablespace", f"{ts.name} (oid {ts.oid}) at {ts.location}"))
+    for t in manifest.tars:
+        lines.append(
+            ("object", f"{t.name}: {len(t.files)} files, {human_size(t.size)} tar, {human_size(t.stored_size)} stored")
+        )
+    width = max(len(k) for k, _ in lines)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in lines))
+    if args.files:
+        for f in doc["files"]:
+            print(f"{f['tar']}  {f['sha256']}  {f['size']:>12}  {f['path']}")
+    return 0

@@ -1,0 +1,71 @@
+"""``cloudbk check [--json] [--max-backup-age HOURS] [--max-wal-lag SEGMENTS] [--minimum-redundancy N]``.
+
+One line per check, ``name: OK`` or ``name: FAILED (detail)``, as ``barman check`` prints them; exit 1 (SPEC
+§1: the operation failed) when any check failed, 0 when all passed. Monitoring can run it as is, or read
+``--json``. Storage errors are retried for 10 seconds unless ``--retry-deadline`` says otherwise, so an
+unreachable repository is reported promptly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cloudbk.config import Settings
+from cloudbk.errors import ExitCode
+
+HELP = "check the archiving setup, the repository and the backups; nonzero exit if anything fails"
+CHECK_RETRY_DEADLINE = 10.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--max-backup-age", type=float, metavar="HOURS", help="fail when the newest backup is older (default 36)"
+    )
+    parser.add_argument(
+        "--max-wal-lag",
+        type=int,
+        metavar="SEGMENTS",
+        help="fail when more segments than this wait to be archived (default 16)",
+    )
+    parser.add_argument("--minimum-redundancy", type=int, metavar="N", help="fail with fewer backups (default 1)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk.checks import DEFAULT_MAX_BACKUP_AGE, DEFAULT_MAX_WAL_LAG, CheckOptions, run_checks
+    from cloudbk.cli._lifecycle import check_limits
+    from cloudbk.errors import CloudbkError
+    from cloudbk.storage.registry import open_storage
+
+    age, lag, minimum = check_limits(settings, args.max_backup_age, args.max_wal_lag, args.minimum_redundancy)
+    repo = settings.require_repo()
+    options = CheckOptions(
+        repo=repo,
+        server=settings.server,
+        conninfo=settings.dbname,
+        max_backup_age=age or DEFAULT_MAX_BACKUP_AGE,
+        max_wal_lag=DEFAULT_MAX_WAL_LAG if lag is None else lag,
+        minimum_redundancy=minimum,
+    )
+    try:
+        storage = open_storage(repo, settings.storage_options(CHECK_RETRY_DEADLINE))
+    except CloudbkError as exc:
+        if exc.exit_code == ExitCode.USAGE:
+            raise
+        storage = None
+    try:
+        report = run_checks(storage, options)
+    finally:
+        if storage is not None:
+            storage.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"Server {report.server}:")
+        for r in report.results:
+            status = "OK" if r.ok else "FAILED"
+            print(f"\t{r.name}: {status}" + (f" ({r.detail})" if r.detail else ""))
+            if not r.ok and r.hint:
+                print(f"\t\tHINT: {r.hint}")
+    return ExitCode.OK if report.ok else ExitCode.FAILED

@@ -1,0 +1,169 @@
+"""``cloudbk restore DEST``: restore a base backup and configure point-in-time recovery.
+
+The recovery plan (backup, WAL per timeline, bytes to fetch) is printed before anything is written; a plan
+with missing WAL is refused unless ``--force``. After the restore, ``pg_ctl -D DEST start`` recovers: the
+``restore_command`` written to postgresql.auto.conf runs ``cloudbk-wal-fetch`` with this repository's
+``--repo``/``--server``/``--endpoint-url`` (never credentials: the server's environment provides those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+from cloudbk.cli.main import terminate_on_sigterm
+from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
+from cloudbk.config import Settings
+from cloudbk.errors import OperationFailed, UsageError
+
+HELP = "restore a backup into an empty directory and configure point-in-time recovery"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dest", metavar="DEST", help="the new data directory (must be empty or absent)")
+    parser.add_argument(
+        "--backup", metavar="ID|latest", help="the backup to restore (default: the newest that reaches the target)"
+    )
+    targets = parser.add_argument_group("recovery target (default: replay all archived WAL)")
+    targets.add_argument(
+        "--target-time", metavar="TIMESTAMP", help="e.g. '2026-11-21 09:30:00+00' (no offset: local time)"
+    )
+    targets.add_argument("--target-lsn", metavar="LSN", help="e.g. 0/3000060")
+    targets.add_argument("--target-xid", metavar="XID", help="stop after this transaction commits")
+    targets.add_argument("--target-name", metavar="NAME", help="a restore point made by pg_create_restore_point()")
+    targets.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    targets.add_argument(
+        "--target-action", choices=("promote", "pause", "shutdown"), default="promote",
+        help="what the server does at the target (default promote)",
+    )  # fmt: skip
+    targets.add_argument(
+        "--target-timeline", metavar="latest|N", default="latest", help="timeline to recover along (default latest)"
+    )
+    parser.add_argument(
+        "--tablespace-mapping", action="append", default=[], metavar="OLD=NEW",
+        help="restore the tablespace at directory OLD into NEW (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="restore even if the plan lacks WAL segments")
+    parser.add_argument(
+        "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
+    )
+
+
+def _mapping(values: list[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old or not new:
+            raise UsageError(f"--tablespace-mapping {value!r} is not OLD=NEW")
+        mapping[old] = new
+    return mapping
+
+
+def restore_command(settings: Settings, repo: str) -> str:
+    """``cloudbk-wal-fetch`` with the repository settings, by absolute path (the server's PATH may lack it)."""
+    here = os.path.dirname(os.path.abspath(sys.argv[0]))
+    candidates = [
+        os.path.join(here, "cloudbk-wal-fetch"),
+        os.path.join(os.path.dirname(sys.executable), "cloudbk-wal-fetch"),
+    ]
+    fetch = next((c for c in candidates if os.access(c, os.X_OK)), "cloudbk-wal-fetch")
+    argv = [fetch, "--repo", repo, "--server", settings.server]
+    if settings.endpoint_url:
+        parts = urlsplit(settings.endpoint_url)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        argv += ["--endpoint-url", urlunsplit(parts._replace(netloc=netloc))]  # never user:password@
+    return " ".join(shlex.quote(a) for a in argv) + " %f %p"
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk.pitr import Target
+    from cloudbk.restore import RestoreOptions, check_destinations, prepare, restore
+    from cloudbk.storage.registry import open_storage
+
+    repo = settings.require_repo()
+    target = Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
+    timeline = None
+    if args.target_timeline != "latest":
+        if not args.target_timeline.isdigit() or int(args.target_timeline) < 1:
+            raise UsageError(f"--target-timeline {args.target_timeline!r} is not 'latest' or a timeline number")
+        timeline = int(args.target_timeline)
+    if args.backup is not None and args.backup != "latest":
+        from cloudbk.layout import check_backup_id
+
+        check_backup_id(args.backup)
+    options = RestoreOptions(
+        dest=args.dest,
+        restore_command=restore_command(settings, repo),
+        target=target,
+        backup_id=args.backup,
+        target_action=args.target_action,
+        target_timeline=timeline,
+        tablespace_mapping=_mapping(args.tablespace_mapping),
+        force=args.force,
+        parallel=max(1, args.parallel),
+    )
+    check_destinations(os.path.abspath(args.dest), {})  # fail before any storage work
+    with terminate_on_sigterm():
+        storage = open_storage(repo, settings.storage_options(300.0))
+        try:
+            _index, plan, manifest = prepare(storage, settings.server, options)
+            print(format_plan(plan, manifest.stored_size, options), flush=True)
+            if not plan.complete and not options.force:
+                raise OperationFailed(
+                    "refusing to restore: the archive lacks WAL this recovery needs (listed above)",
+                    hint="nothing was written. Choose an earlier target or another backup; check archive_command "
+                    "on the source server; or pass --force to restore anyway (recovery stops at the gap)",
+                )
+            result = restore(storage, settings.server, plan, manifest, options, ConsoleProgress())
+        finally:
+            storage.close()
+    print(f"restored backup {manifest.id} into {result.dest}: {result.files} files, {human_size(result.bytes)} "
+          f"verified in {human_duration(result.seconds)}")  # fmt: skip
+    for oid, path in sorted(result.tablespaces.items()):
+        print(f"  tablespace {oid} -> {path}")
+    print("recovery settings appended to postgresql.auto.conf (and recovery.signal created):")
+    for name, value in result.settings.items():
+        print(f"  {name} = '{value}'")
+    print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
+    return 0
+
+
+def format_plan(plan: object, stored_size: int, options: object) -> str:
+    from cloudbk.pitr import RecoveryPlan
+    from cloudbk.restore import RestoreOptions
+    from cloudbk.wal import format_lsn
+
+    assert isinstance(plan, RecoveryPlan) and isinstance(options, RestoreOptions)
+    b = plan.backup
+    timelines = " -> ".join(str(s.timeline) for s in plan.path)
+    lines = [
+        "recovery plan",
+        f"  backup      {b.id}  (timeline {b.timeline}, {format_lsn(b.begin_lsn)} .. {format_lsn(b.end_lsn)}, "
+        f"ended {b.end_time})",
+        f"  target      {plan.target.describe()}"
+        + (f", then {options.target_action}" if plan.target.kind != "end" else ""),
+        f"  timelines   {timelines}" + (" (latest)" if options.target_timeline is None else ""),
+    ]
+    label = "  WAL       "
+    for s in plan.stretches:
+        names = plan.segment_names(s) if s.count <= 2 else [plan.segment_names(s)[0], "..", plan.segment_names(s)[-1]]
+        lines.append(f"{label} timeline {s.timeline}: {' '.join(names)} ({s.count} segments)")
+        label = "            "
+    if plan.open_ended:
+        lines.append("              (the target cannot be placed in WAL ahead of time: every segment archived on the "
+                     "path is required)")  # fmt: skip
+    lines.append(
+        f"  to fetch    {human_size(stored_size)} of backup + up to {human_size(plan.wal_bytes)} of WAL "
+        f"({plan.segment_count} segments)"
+    )
+    if plan.complete:
+        lines.append("  status      every WAL segment and history file the plan needs is in the archive")
+    else:
+        lines.append("  status      MISSING from the archive:")
+        lines += [f"                {m}" for m in plan.describe_missing()]
+    return "\n".join(lines)

@@ -1,0 +1,306 @@
+"""The per-backup manifest (``<server>/backups/<id>/manifest.json``) and the summary of it kept in the index.
+
+The manifest is written last, create-only: a backup whose manifest is absent does not exist. It describes
+the backup well enough to restore and verify it without anything else: the WAL range it needs, each tar
+stream (its object name, the SHA-256 and size of its uncompressed bytes, the stored size) and each file
+inside it with its size and SHA-256. LSNs are written the way PostgreSQL prints them (``0/2000028``), times
+as UTC ISO 8601 (``2026-11-21T09:30:12.123456Z``). See docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cloudbk.errors import IntegrityError
+from cloudbk.wal import format_lsn, parse_lsn
+
+MANIFEST_FORMAT_VERSION = 1
+STATUS_COMPLETE = "complete"
+BASE_TAR = "base"  # the tar stream holding PGDATA; tablespace streams are named by their OID
+
+
+def format_time(moment: datetime) -> str:
+    """UTC ISO 8601 with microseconds and a Z, sortable as text."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One regular file inside a tar stream: its path relative to the stream's root directory."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Tablespace:
+    oid: int
+    name: str
+    location: str  # the directory pg_tblspc/<oid> pointed at when the backup was taken
+
+
+@dataclass
+class TarEntry:
+    """One tar stream: PGDATA (``tablespace_oid`` None) or one tablespace's directory."""
+
+    name: str  # object name inside the backup's prefix, e.g. "base.tar.zst" or "16385.tar.zst"
+    tablespace_oid: int | None
+    size: int  # bytes of the uncompressed tar stream
+    sha256: str  # of the uncompressed tar stream
+    stored_size: int  # bytes of the stored object (envelope header + compressed stream)
+    files: list[FileEntry] = field(default_factory=list)
+
+    @property
+    def data_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class Manifest:
+    id: str
+    server: str
+    system_identifier: str
+    pg_version: int  # server_version_num, e.g. 150004
+    timeline: int
+    begin_lsn: int
+    end_lsn: int
+    begin_wal: str  # the segment holding begin_lsn: the first one recovery needs
+    end_wal: str  # the last segment recovery needs to reach consistency
+    begin_time: str
+    end_time: str
+    wal_segment_size: int
+    compression: str
+    tablespaces: list[Tablespace] = field(default_factory=list)
+    tars: list[TarEntry] = field(default_factory=list)
+    #: pg_snapshot_xmax of the server's snapshot right after the backup ended: every transaction id at or
+    #: above it started after the backup, so a --target-xid at or above it is reachable from this backup
+    next_xid: int | None = None
+    status: str = STATUS_COMPLETE
+    label: str = ""
+    pgdata: str = ""
+    hostname: str = ""
+    tool: str = ""
+    format_version: int = MANIFEST_FORMAT_VERSION
+
+    # -- derived sizes ------------------------------------------------------------------------------------
+
+    @property
+    def data_size(self) -> int:
+        """Bytes of the files in the backup."""
+        return sum(t.data_size for t in self.tars)
+
+    @property
+    def tar_size(self) -> int:
+        return sum(t.size for t in self.tars)
+
+    @property
+    def stored_size(self) -> int:
+        return sum(t.stored_size for t in self.tars)
+
+    @property
+    def file_count(self) -> int:
+        return sum(len(t.files) for t in self.tars)
+
+    def tar(self, name: str) -> TarEntry:
+        for t in self.tars:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    # -- serialisation ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["begin_lsn"] = format_lsn(self.begin_lsn)
+        doc["end_lsn"] = format_lsn(self.end_lsn)
+        doc["tars"] = [
+            {
+                "name": t.name,
+                "tablespace_oid": t.tablespace_oid,
+                "size": t.size,
+                "sha256": t.sha256,
+                "stored_size": t.stored_size,
+                # compact rows: [path, size, sha256]; a large cluster has tens of thousands of files
+                "files": [[f.path, f.size, f.sha256] for f in t.files],
+            }
+            for t in self.tars
+        ]
+        doc["data_size"] = self.data_size
+        doc["stored_size"] = self.stored_size
+        return doc
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], key: str) -> Manifest:
+        try:
+            version = int(doc.get("format_version", 0))
+            if version > MANIFEST_FORMAT_VERSION:
+                raise IntegrityError(
+                    f"manifest {key} has format version {version}, newer than this cloudbk",
+                    key=key,
+                    hint="upgrade cloudbk",
+                )
+            return cls(
+                id=str(doc["id"]),
+                server=str(doc["server"]),
+                system_identifier=str(doc["system_identifier"]),
+                pg_version=int(doc["pg_version"]),
+                timeline=int(doc["timeline"]),
+                begin_lsn=parse_lsn(doc["begin_lsn"]),
+                end_lsn=parse_lsn(doc["end_lsn"]),
+                begin_wal=str(doc["begin_wal"]),
+                end_wal=str(doc["end_wal"]),
+                begin_time=str(doc["begin_time"]),
+                end_time=str(doc["end_time"]),
+                wal_segment_size=int(doc["wal_segment_size"]),
+                compression=str(doc["compression"]),
+                tablespaces=[Tablespace(int(t["oid"]), str(t["name"]), str(t["location"])) for t in doc["tablespaces"]],
+                tars=[
+                    TarEntry(
+                        name=str(t["name"]),
+                        tablespace_oid=None if t["tablespace_oid"] is None else int(t["tablespace_oid"]),
+                        size=int(t["size"]),
+                        sha256=str(t["sha256"]),
+                        stored_size=int(t["stored_size"]),
+                        files=[FileEntry(str(p), int(s), str(h)) for p, s, h in t["files"]],
+                    )
+                    for t in doc["tars"]
+                ],
+                next_xid=None if doc.get("next_xid") is None else int(doc["next_xid"]),
+                status=str(doc.get("status", STATUS_COMPLETE)),
+                label=str(doc.get("label", "")),
+                pgdata=str(doc.get("pgdata", "")),
+                hostname=str(doc.get("hostname", "")),
+                tool=str(doc.get("tool", "")),
+                format_version=version,
+            )
+        except IntegrityError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(
+                f"manifest {key} is unreadable: {exc!r}",
+                key=key,
+                hint="the backup cannot be restored from this manifest; use another backup",
+            ) from exc
+
+    @classmethod
+    def from_json(cls, data: bytes, key: str) -> Manifest:
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise IntegrityError(f"manifest {key} is not valid JSON: {exc}", key=key) from exc
+        if not isinstance(doc, dict):
+            raise IntegrityError(f"manifest {key} is not a JSON object", key=key)
+        return cls.from_dict(doc, key)
+
+    def summary(self) -> dict[str, Any]:
+        """What the index keeps about this backup: enough to list it and to plan a recovery from it."""
+        return BackupSummary(
+            id=self.id,
+            status=self.status,
+            system_identifier=self.system_identifier,
+            pg_version=self.pg_version,
+            timeline=self.timeline,
+            begin_lsn=self.begin_lsn,
+            end_lsn=self.end_lsn,
+            begin_wal=self.begin_wal,
+            end_wal=self.end_wal,
+            begin_time=self.begin_time,
+            end_time=self.end_time,
+            wal_segment_size=self.wal_segment_size,
+            compression=self.compression,
+            data_size=self.data_size,
+            stored_size=self.stored_size,
+            file_count=self.file_count,
+            tablespaces=len(self.tablespaces),
+            next_xid=self.next_xid,
+        ).to_dict()
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """A backup as the index lists it (a subset of its manifest)."""
+
+    id: str
+    status: str
+    system_identifier: str
+    pg_version: int
+    timeline: int
+    begin_lsn: int
+    end_lsn: int
+    begin_wal: str
+    end_wal: str
+    begin_time: str
+    end_time: str
+    wal_segment_size: int
+    compression: str
+    data_size: int
+    stored_size: int
+    file_count: int = 0
+    tablespaces: int = 0
+    next_xid: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio: data bytes per stored byte."""
+        return self.data_size / self.stored_size if self.stored_size else 0.0
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        """Backups are ordered by where they end in WAL, then by end time; never by id."""
+        return (self.end_lsn, self.end_time)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["begin_lsn"] = format_lsn(self.begin_lsn)
+        doc["end_lsn"] = format_lsn(self.end_lsn)
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str = "index") -> BackupSummary:
+        try:
+            return cls(
+                id=str(doc["id"]),
+                status=str(doc["status"]),
+                system_identifier=str(doc["system_identifier"]),
+                pg_version=int(doc["pg_version"]),
+                timeline=int(doc["timeline"]),
+                begin_lsn=parse_lsn(doc["begin_lsn"]),
+                end_lsn=parse_lsn(doc["end_lsn"]),
+                begin_wal=str(doc["begin_wal"]),
+                end_wal=str(doc["end_wal"]),
+                begin_time=str(doc["begin_time"]),
+                end_time=str(doc["end_time"]),
+                wal_segment_size=int(doc["wal_segment_size"]),
+                compression=str(doc["compression"]),
+                data_size=int(doc["data_size"]),
+                stored_size=int(doc["stored_size"]),
+                file_count=int(doc.get("file_count", 0)),
+                tablespaces=int(doc.get("tablespaces", 0)),
+                next_xid=None if doc.get("next_xid") is None else int(doc["next_xid"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(
+                f"backup entry {doc.get('id', '?')} in {where} is unreadable: {exc!r}",
+                key=where,
+                hint="run `cloudbk reindex` to rebuild the index from the manifests",
+            ) from exc
+
+
+def complete_backups(entries: dict[str, dict[str, Any]], where: str = "index") -> list[BackupSummary]:
+    """The complete backups of an index, oldest first (by end LSN, then end time)."""
+    backups = [BackupSummary.from_dict(doc, where) for doc in entries.values()]
+    return sorted((b for b in backups if b.status == STATUS_COMPLETE), key=lambda b: b.sort_key)

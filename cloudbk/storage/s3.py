@@ -1,0 +1,562 @@
+"""``s3://bucket/prefix`` backend: Amazon S3 and S3-compatible stores, through botocore.
+
+Write modes are conditional requests, so checking and publishing are one atomic step on the server:
+``CreateOnly`` sends ``If-None-Match: *`` and ``IfVersion(etag)`` sends ``If-Match: etag``, on PutObject and on
+CompleteMultipartUpload alike. The version is the ETag with its quotes, as S3 returns it everywhere.
+
+Objects up to one part are stored with a single PutObject; larger ones with a multipart upload whose part size
+grows with the part count (:func:`part_size_for`), so a stream of unknown length never runs out of parts, while
+the parts held in memory stay few (``IN_FLIGHT_BYTES``). An upload that is aborted, or never completed because
+the process died, is invisible; its parts cost storage until a bucket lifecycle rule
+(AbortIncompleteMultipartUpload) removes them.
+
+Listings are returned in S3 key order even from stores that page them as a directory walk (``_walk``).
+
+botocore is used directly (no boto3 resource layer, no s3transfer) and imported only when an ``s3://``
+repository is opened: an ``archive_command`` pays for what it uses. Its own retries are off; the retry layer
+(:mod:`cloudbk.storage.retry`) retries by error class. Request/response checksums keep botocore's defaults,
+which ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` can relax for stores that
+reject them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING, Any
+
+from cloudbk import __version__
+from cloudbk.errors import (
+    AccessDenied,
+    AlreadyExists,
+    CloudbkError,
+    IntegrityError,
+    NotFound,
+    PermanentError,
+    PreconditionFailed,
+    TransientError,
+    UsageError,
+)
+from cloudbk.storage.base import (
+    OVERWRITE,
+    CreateOnly,
+    IfVersion,
+    ObjectInfo,
+    ObjectReader,
+    ObjectWriter,
+    Storage,
+    WriteMode,
+    check_key,
+    check_prefix,
+)
+from cloudbk.storage.parts import PartWriter
+
+if TYPE_CHECKING:
+    from cloudbk.storage.registry import StorageOptions
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+# Amazon S3 multipart upload limits, https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html
+MIN_PART_SIZE = 5 * MiB  # every part but the last
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000  # part numbers 1 .. 10,000
+MAX_OBJECT_SIZE = 5 * TiB
+# DeleteObjects takes at most 1,000 keys, https://docs.aws.amazon.com/AmazonS3/latest/API/API_DeleteObjects.html
+MAX_DELETE_KEYS = 1000
+
+DEFAULT_PART_SIZE = 8 * MiB
+# Part ``n`` is ``base + PART_GROWTH * (n // PARTS_PER_STEP)`` bytes: the first 64 parts (512 MiB with the
+# default base) keep the base size, then parts grow linearly, so 10,000 parts hold ~6 TiB from a 5 MiB base
+# (more than MAX_OBJECT_SIZE) while the part in memory grows only like sqrt(object size): 48 MiB at 10 GiB,
+# 160 MiB at 100 GiB, 512 MiB at 1 TiB, ~1.1 GiB at 5 TiB. tests/storage/test_s3_specific.py checks the sums.
+PART_GROWTH = 8 * MiB
+PARTS_PER_STEP = 64
+# PartWriter uploads several parts at once; as parts grow, fewer of them go in flight so their memory stays
+# within this budget (but two at least, so big parts still overlap): 4 x 8 MiB, ..., 2 x 160 MiB at 100 GiB.
+IN_FLIGHT_BYTES = 128 * MiB
+
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection
+READ_TIMEOUT = 60.0  # seconds without a byte from the server
+# Connections kept per client: enough for the worker threads sharing one storage and parallel part uploads.
+MAX_POOL_CONNECTIONS = 64
+DEFAULT_REGION = "us-east-1"
+
+_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
+_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "RequestTimeTooSkewed",
+        "SignatureDoesNotMatch",
+        "403",
+    }
+)
+# Worth retrying: throttling, server trouble, a request cut short, a conditional write racing another one
+# (409 ConditionalRequestConflict: retried, the next attempt reports the real outcome).
+_TRANSIENT = frozenset(
+    {
+        "BadDigest",
+        "ConditionalRequestConflict",
+        "IncompleteBody",
+        "InternalError",
+        "OperationAborted",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "XAmzContentSHA256Mismatch",
+    }
+)
+
+
+def part_size_for(number: int, base: int = DEFAULT_PART_SIZE) -> int:
+    """Size of part ``number`` (0-based) of a stream of unknown length; see ``PART_GROWTH``."""
+    return min(MAX_PART_SIZE, base + PART_GROWTH * (number // PARTS_PER_STEP))
+
+
+def _version(etag: str) -> str:
+    """The ETag in its quoted form, whichever form the server used (the CAS token must compare equal)."""
+    return '"' + etag.strip('"') + '"'
+
+
+def _denied_hint(bucket: str) -> str:
+    return (
+        "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and "
+        f"that they may get, put, list and delete objects in bucket {bucket}; RequestTimeTooSkewed means this "
+        "machine's clock is wrong"
+    )
+
+
+class S3Storage(Storage):
+    scheme = "s3"
+    #: base part size of multipart uploads; parts grow from it (``part_size_for``)
+    part_size: int = DEFAULT_PART_SIZE
+    #: list level by level (see ``_walk``) rather than flat; the default with a custom endpoint, because
+    #: filer-backed stores (SeaweedFS) page a flat listing as a tree walk, out of key order
+    list_by_directory: bool = False
+
+    def __init__(self, url: str, bucket: str, prefix: str, options: StorageOptions) -> None:
+        super().__init__(url)
+        self.bucket = bucket
+        self.prefix = prefix
+        self._root = f"{prefix}/" if prefix else ""
+        env = options.environ
+        self.endpoint_url = (
+            options.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        )
+        self._client = _make_client(url, self.endpoint_url, env)
+        self.list_by_directory = self.endpoint_url is not None
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return self._root + check_key(key)
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._root}{key}"
+
+    @contextmanager
+    def _errors(self, what: str, key: str, mode: WriteMode = OVERWRITE) -> Iterator[None]:
+        """Translate SDK and network errors raised in the block into the storage taxonomy."""
+        try:
+            yield
+        except CloudbkError:
+            raise
+        except Exception as exc:
+            error = self._translate(exc, what, key, mode)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _translate(self, exc: Exception, what: str, key: str, mode: WriteMode) -> CloudbkError | None:
+        import http.client
+
+        from botocore import exceptions as bx
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        where = self._where(key)
+        if isinstance(exc, bx.ClientError):
+            meta = exc.response.get("ResponseMetadata", {})
+            error = exc.response.get("Error", {})
+            return self._classify(
+                str(error.get("Code", "")), meta.get("HTTPStatusCode"), str(error.get("Message", "")), what, key, mode
+            )
+        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+            return AccessDenied(
+                f"{what} {where}: no usable AWS credentials: {exc}", key=key, hint=_denied_hint(self.bucket)
+            )
+        if isinstance(exc, bx.FlexibleChecksumError):
+            return IntegrityError(
+                f"{what} {where}: the data received does not match the checksum S3 sent: {exc}",
+                key=key,
+                hint="run the command again; if it fails the same way the stored object is damaged",
+            )
+        if isinstance(
+            exc,
+            (
+                bx.ConnectionError,
+                bx.HTTPClientError,
+                bx.IncompleteReadError,
+                bx.MetadataRetrievalError,
+                Urllib3Error,
+                http.client.HTTPException,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
+            endpoint = self.endpoint_url or "the AWS S3 endpoint"
+            return TransientError(
+                f"{what} {where}: network error talking to {endpoint}: {exc}",
+                key=key,
+                hint="check that the endpoint (--endpoint-url / CLOUDBK_ENDPOINT_URL) is reachable",
+            )
+        if isinstance(exc, bx.BotoCoreError):
+            return PermanentError(f"{what} {where}: {exc}", key=key)
+        return None
+
+    def _classify(
+        self, code: str, status: int | None, message: str, what: str, key: str, mode: WriteMode
+    ) -> CloudbkError:
+        """One S3 error answer -> the storage taxonomy (also used for DeleteObjects per-key errors)."""
+        where = self._where(key)
+        detail = f"{code or status}: {message}" if message and message != code else str(code or status)
+        text = f"{what} {where} failed: {detail}"
+        if code == "PreconditionFailed" or status == 412:
+            if isinstance(mode, CreateOnly):
+                return AlreadyExists(f"{where} already exists", key=key)
+            if isinstance(mode, IfVersion):
+                return PreconditionFailed(f"{where} has changed: its version is no longer {mode.version}", key=key)
+        if code == "NoSuchBucket":
+            return PermanentError(
+                f"{text} (bucket {self.bucket})",
+                key=key,
+                hint=f"create bucket {self.bucket} or fix the repository URL; cloudbk does not create buckets",
+            )
+        if code in _NOT_FOUND or (status == 404 and code != "NoSuchUpload"):
+            if isinstance(mode, IfVersion):  # S3 answers If-Match on an absent key with 404
+                return PreconditionFailed(f"{where} does not exist (expected version {mode.version})", key=key)
+            return NotFound(f"object {where} not found", key=key)
+        if code in _DENIED or status == 403:
+            return AccessDenied(text, key=key, hint=_denied_hint(self.bucket))
+        if code in _TRANSIENT or status == 429 or (status is not None and status >= 500):
+            return TransientError(text, key=key)
+        if code == "NoSuchUpload":
+            return PermanentError(
+                text, key=key, hint="the multipart upload was aborted (a lifecycle rule?); write the object again"
+            )
+        return PermanentError(text, key=key)
+
+    # -- the contract -------------------------------------------------------------------------------------
+
+    def stat(self, key: str) -> ObjectInfo:
+        full = self._full(key)
+        with self._errors("stat", key):
+            response = self._client.head_object(Bucket=self.bucket, Key=full)
+        modified = response.get("LastModified")
+        return ObjectInfo(
+            key, int(response["ContentLength"]), _version(response["ETag"]), modified.timestamp() if modified else None
+        )
+
+    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> ObjectReader:
+        full = self._full(key)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"invalid range of {key}: offset {offset}, length {length}")
+        if length == 0:
+            self.stat(key)  # NotFound eagerly, even for an empty range
+            return _EmptyReader()
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            params["Range"] = f"bytes={offset}-{end}"
+        try:
+            with self._errors("read", key):
+                response = self._client.get_object(**params)
+        except PermanentError as exc:
+            # 416 InvalidRange: the range starts at or past the end; the object exists, the range is empty.
+            if getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
+                return _EmptyReader()
+            raise
+        return _S3Reader(self, key, response["Body"])
+
+    def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
+        return _S3Writer(self, key, mode)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        full = self._root + prefix
+        items = self._walk(full) if self.list_by_directory else self._flat(full)
+        last: str | None = None
+        for item in items:
+            key = item["Key"][len(self._root) :]
+            if key.endswith("/"):
+                continue  # a "folder" marker made by a console; never a cloudbk key
+            if last is not None and key <= last:  # S3 Express directory buckets, for one, list unsorted
+                raise PermanentError(
+                    f"list {self._where(prefix)}: the store returned keys out of order ({last!r}, {key!r})",
+                    key=prefix,
+                    hint="use a general-purpose bucket, or a store that lists keys in UTF-8 order",
+                )
+            last = key
+            modified = item.get("LastModified")
+            yield ObjectInfo(key, int(item["Size"]), _version(item["ETag"]), modified.timestamp() if modified else None)
+
+    def _pages(self, full_prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        while True:
+            params["MaxKeys"] = self.list_page_size
+            with self._errors("list", full_prefix[len(self._root) :]):
+                page: dict[str, Any] = self._client.list_objects_v2(**params)
+            yield page
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            params["ContinuationToken"] = token
+
+    def _flat(self, full_prefix: str) -> Iterator[dict[str, Any]]:
+        for page in self._pages(full_prefix, None):
+            yield from page.get("Contents", ())
+
+    def _walk(self, full_prefix: str) -> Iterator[dict[str, Any]]:
+        """List one "directory" level with Delimiter="/" and descend into each sub-prefix in key order.
+
+        Correct whether the store pages a level in key order (S3: ``a-b`` < ``a/`` < ``a0``) or in name order,
+        a sub-prefix sorting as its bare name (``a`` < ``a-b``), as filer-backed gateways do. After a page,
+        every later entry sorts after the greatest name seen, so what sorts up to it is final; a sub-prefix
+        waits (as one string) until a name beyond it has been seen.
+        """
+        pending: list[tuple[str, dict[str, Any] | None]] = []  # (key, item) or (sub-prefix, None)
+        for page in self._pages(full_prefix, "/"):
+            entries: list[tuple[str, dict[str, Any] | None]] = [(i["Key"], i) for i in page.get("Contents", ())]
+            entries += [(p["Prefix"], None) for p in page.get("CommonPrefixes", ())]
+            if not entries:
+                continue
+            bound = max(name.removesuffix("/") if item is None else name for name, item in entries)
+            pending = sorted(pending + entries, key=lambda entry: entry[0])
+            ready = 0
+            while ready < len(pending) and pending[ready][0] <= bound:
+                ready += 1
+            done, pending = pending[:ready], pending[ready:]
+            yield from self._emit(done)
+        yield from self._emit(pending)
+
+    def _emit(self, entries: Sequence[tuple[str, dict[str, Any] | None]]) -> Iterator[dict[str, Any]]:
+        for name, item in entries:
+            if item is None:
+                yield from self._walk(name)
+            else:
+                yield item
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        full = [self._full(key) for key in keys]  # validate every key before deleting any
+        size = max(1, min(self.delete_batch_size, MAX_DELETE_KEYS))
+        for start in range(0, len(full), size):
+            self._delete_batch(full[start : start + size])
+
+    def _delete_batch(self, batch: Sequence[str]) -> None:
+        first = batch[0][len(self._root) :]
+        with self._errors(f"delete ({len(batch)} keys from)", first):
+            response = self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+        failed = [e for e in response.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+        if failed:
+            what = "delete" if len(failed) == 1 else f"delete ({len(failed)} keys failed, first)"
+            error = failed[0]
+            key = str(error.get("Key", batch[0]))[len(self._root) :]
+            raise self._classify(str(error.get("Code", "")), None, str(error.get("Message", "")), what, key, OVERWRITE)
+
+    def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
+        # One GetObject: the ETag it returns belongs to the bytes it returns.
+        full = self._full(key)
+        with self._errors("read", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=full)
+            body = response["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+        return bytes(data), _version(response["ETag"])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _make_client(url: str, endpoint_url: str | None, env: Mapping[str, str]) -> Any:
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
+
+    # Explicit keys when the environment has them; otherwise the SDK's default chain (profile, web identity,
+    # instance role). The keys go to the client object only, never into a message.
+    key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not (key_id and secret):
+        key_id = secret = None
+    token = (env.get("AWS_SESSION_TOKEN") or None) if key_id else None
+    try:
+        session = botocore.session.Session(profile=env.get("AWS_PROFILE") or None)
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or session.get_config_variable("region")
+        config = Config(
+            region_name=region or DEFAULT_REGION,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            retries={"total_max_attempts": 1},  # no SDK retries: cloudbk.storage.retry decides
+            max_pool_connections=MAX_POOL_CONNECTIONS,
+            tcp_keepalive=True,
+            user_agent_extra=f"cloudbk/{__version__}",
+            # S3-compatible stores rarely resolve bucket.host names: path-style addressing with an endpoint.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        return session.create_client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=config,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            aws_session_token=token,
+        )
+    except (BotoCoreError, ValueError) as exc:
+        raise UsageError(
+            f"cannot set up the S3 client for {url}: {exc}",
+            hint="check --endpoint-url / CLOUDBK_ENDPOINT_URL, AWS_PROFILE and AWS_REGION",
+        ) from exc
+
+
+class _EmptyReader(ObjectReader):
+    def readinto(self, buffer: Any) -> int:
+        return 0
+
+
+class _S3Reader(ObjectReader):
+    """Streams a GetObject body; network errors mid-stream become ``TransientError`` (the retry layer resumes)."""
+
+    def __init__(self, storage: S3Storage, key: str, body: Any) -> None:
+        super().__init__()
+        self._storage = storage
+        self._key = key
+        self._body = body
+
+    def readinto(self, buffer: Any) -> int:
+        with self._storage._errors("read", self._key):
+            return int(self._body.readinto(buffer))
+
+    def readall(self) -> bytes:
+        with self._storage._errors("read", self._key):
+            return bytes(self._body.read())
+
+    def close(self) -> None:
+        if not self.closed:
+            with suppress(Exception):  # closing a broken connection must not mask the real error
+                self._body.close()
+        super().close()
+
+
+class _S3Writer(PartWriter):
+    """A PutObject, or a multipart upload once the data outgrows one part."""
+
+    def __init__(self, storage: S3Storage, key: str, mode: WriteMode) -> None:
+        self._storage = storage
+        self._full_key = storage._full(key)
+        self._conditions: dict[str, str] = {}
+        if isinstance(mode, CreateOnly):
+            self._conditions = {"IfNoneMatch": "*"}
+        elif isinstance(mode, IfVersion):
+            self._conditions = {"IfMatch": _version(mode.version)}
+        self._upload_id: str | None = None
+        self._etags: dict[int, str] = {}  # part number (1-based) -> ETag
+        self._lock = threading.Lock()  # parts are uploaded from several threads
+        self._max_in_flight = PartWriter.parts_in_flight
+        super().__init__(key, mode, storage.part_size, storage.retry_policy)
+
+    # PartWriter cuts the buffer into ``part_size`` pieces; growing it with the part count keeps a stream of
+    # any length within MAX_PARTS. ``_parts`` counts the parts already cut.
+    @property
+    def part_size(self) -> int:
+        return part_size_for(self._parts, self._base_part_size)
+
+    @part_size.setter
+    def part_size(self, value: int) -> None:
+        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
+            raise UsageError(f"S3 part size {value} is outside {MIN_PART_SIZE}..{MAX_PART_SIZE} bytes")
+        self._base_part_size = value
+
+    @property
+    def parts_in_flight(self) -> int:
+        if self._max_in_flight <= 1:
+            return self._max_in_flight
+        return min(self._max_in_flight, max(2, IN_FLIGHT_BYTES // self.part_size))
+
+    @parts_in_flight.setter
+    def parts_in_flight(self, value: int) -> None:
+        self._max_in_flight = value
+
+    def _put_whole(self, data: bytes) -> ObjectInfo:
+        s = self._storage
+        with s._errors("write", self.key, self.mode):
+            response = s._client.put_object(
+                Bucket=s.bucket,
+                Key=self._full_key,
+                Body=data,
+                ContentType="application/octet-stream",
+                **self._conditions,
+            )
+        return ObjectInfo(self.key, len(data), _version(response["ETag"]))
+
+    def _begin(self) -> None:
+        s = self._storage
+        with s._errors("start upload of", self.key):
+            response = s._client.create_multipart_upload(
+                Bucket=s.bucket, Key=self._full_key, ContentType="application/octet-stream"
+            )
+        self._upload_id = str(response["UploadId"])
+
+    def _upload_part(self, number: int, offset: int, data: bytes) -> None:
+        s = self._storage
+        part_number = number + 1
+        if part_number > MAX_PARTS:
+            raise PermanentError(
+                f"write {s._where(self.key)}: more than {MAX_PARTS} parts ({offset} bytes written)",
+                key=self.key,
+                hint=f"S3 objects are limited to {MAX_OBJECT_SIZE // TiB} TiB",
+            )
+        with s._errors(f"upload part {part_number} of", self.key):
+            response = s._client.upload_part(
+                Bucket=s.bucket, Key=self._full_key, UploadId=self._upload_id, PartNumber=part_number, Body=data
+            )
+        with self._lock:
+            self._etags[part_number] = str(response["ETag"])
+
+    def _finish(self, number: int, offset: int, data: bytes) -> ObjectInfo:
+        s = self._storage
+        if data or not self._etags:
+            self._upload_part(number, offset, data)
+        with self._lock:
+            parts = [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._etags.items())]
+        with s._errors("complete upload of", self.key, self.mode):
+            response = s._client.complete_multipart_upload(
+                Bucket=s.bucket,
+                Key=self._full_key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+                **self._conditions,
+            )
+        return ObjectInfo(self.key, offset + len(data), _version(response["ETag"]))
+
+    def _cancel(self) -> None:
+        if self._upload_id is None:
+            return
+        s = self._storage
+        with suppress(Exception):  # best effort by contract; a lifecycle rule removes what is left
+            s._client.abort_multipart_upload(Bucket=s.bucket, Key=self._full_key, UploadId=self._upload_id)

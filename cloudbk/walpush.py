@@ -1,0 +1,324 @@
+"""Push one WAL file (segment, ``.partial``, ``.backup`` or ``.history``) to the archive: the archive_command.
+
+Order of work, each step a guard for the next (SPEC §3.1):
+
+1. Hash the local file (it is on local disk; the digest must go in the object's header before the payload).
+   For segments, read the long page header: the system identifier and segment size must match the
+   repository's index, so a second cluster pointed at the same repository is refused before it writes.
+2. Stream file -> compressor -> storage writer in ``CREATE_ONLY`` mode, header first. The compressor hashes
+   what it consumes; if that differs from step 1 the file changed under us and the upload is aborted.
+3. The storage confirms the create; the object is durable. If the name already exists, the stored object is
+   read back, decompressed and hashed in full: the same content is a re-archive after a crash (success),
+   different content is a conflict (nothing is overwritten), an unreadable object is an integrity error.
+4. Only then is the index updated (compare-and-swap). If that fails the segment is stored but the push still
+   fails (see :class:`IndexUpdateFailed`): PostgreSQL retries, the retry finds the identical object and
+   finishes the index update. The index never points at data that is not durable.
+
+No printing, no exits: the CLI maps the exceptions to exit codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from cloudbk import layout
+from cloudbk.compression import CompressingWriter
+from cloudbk.envelope import Header
+from cloudbk.errors import (
+    AlreadyExists,
+    CloudbkError,
+    ConflictError,
+    IntegrityError,
+    OperationFailed,
+    UsageError,
+)
+from cloudbk.index import Index, load_index, update_index
+from cloudbk.storage.base import CREATE_ONLY, Storage
+from cloudbk.wal import (
+    BACKUP_LABEL,
+    HISTORY,
+    PARTIAL,
+    SEGMENT,
+    HistoryEntry,
+    SegmentHeader,
+    WalName,
+    parse_history,
+    parse_segment_header,
+    parse_wal_name,
+)
+from cloudbk.walfetch import HEADER_KIND, read_verified
+
+log = logging.getLogger("cloudbk.walpush")
+
+_CHUNK = 1024 * 1024
+_CONFLICT_CAUSES = (
+    "two clusters archiving into the same repository and server name, or a standby promoted without a new "
+    "timeline (e.g. an old primary still archiving after a failover)"
+)
+
+
+class IndexUpdateFailed(CloudbkError):
+    """The WAL file is durably stored, but the index could not be updated to list it.
+
+    The push reports failure (with the exit code of the underlying error) so PostgreSQL retries it: the
+    retry finds the identical object, which is success, and finishes the index update. Exiting 0 would
+    leave a silent hole in the index that PITR planning and retention trust.
+    """
+
+    def __init__(self, cause: CloudbkError, name: str, key: str) -> None:
+        super().__init__(
+            f"{name} is stored durably at {key}, but the index could not be updated: {cause.message}",
+            key=key,
+            hint="PostgreSQL will retry this push, which is safe and completes the index update; "
+            "if the index itself is damaged run `cloudbk reindex`",
+        )
+        self.exit_code = cause.exit_code
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """What pushing learned about the local file before uploading it."""
+
+    path: str
+    wal: WalName
+    size: int
+    sha256: str
+    segment_header: SegmentHeader | None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    size: int  # uncompressed bytes
+    stored_size: int  # bytes of the stored object (header + compressed payload); the existing one's if already there
+    compression: str
+    sha256: str
+    already_archived: bool  # the identical file was already in the archive
+    seconds: float
+
+
+def inspect_file(path: str) -> LocalFile:
+    """Hash ``path`` and, for segments, decode its first page header. Raises on a file that is not WAL."""
+    name = os.path.basename(path)
+    wal = parse_wal_name(name)
+    digest = hashlib.sha256()
+    size = 0
+    first = b""
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                if not first:
+                    first = chunk[:64]
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise OperationFailed(
+            f"WAL file {path} does not exist",
+            key=path,
+            hint="archive_command must be given %p, the path relative to the data directory",
+        ) from None
+    except OSError as exc:
+        raise OperationFailed(f"cannot read WAL file {path}: {exc.strerror}", key=path) from exc
+
+    header: SegmentHeader | None = None
+    if wal.kind in (SEGMENT, PARTIAL):
+        header = parse_segment_header(first)
+        if header is None:
+            raise IntegrityError(
+                f"{path} does not start with a WAL long page header; it is not a WAL segment or it is corrupt",
+                key=path,
+                hint="it was not archived; check the file and the disk holding pg_wal",
+            )
+        expected_addr = wal.segno(header.segment_size) * header.segment_size
+        if header.pageaddr != expected_addr:
+            raise IntegrityError(
+                f"{path} holds WAL from {header.pageaddr:X}, not the segment its name says ({expected_addr:X})",
+                key=path,
+                hint="the file was renamed or copied over; it was not archived",
+            )
+        if wal.kind == SEGMENT and size != header.segment_size:
+            raise IntegrityError(
+                f"{path} is {size} bytes, but its header says segments are {header.segment_size} bytes",
+                key=path,
+                hint="the segment is truncated; it was not archived. Check the disk holding pg_wal",
+            )
+    return LocalFile(path, wal, size, digest.hexdigest(), header)
+
+
+def _check_cluster(index: Index, local: LocalFile, key: str) -> None:
+    """Refuse a segment of another cluster (different system identifier or segment size)."""
+    header = local.segment_header
+    if header is None:
+        return
+    sysid = str(header.system_identifier)
+    if index.system_identifier is not None and index.system_identifier != sysid:
+        raise ConflictError(
+            f"refusing to archive {local.wal.name}: it belongs to the database system {sysid}, but server "
+            f"{index.server!r} in this repository archives the system {index.system_identifier}",
+            key=key,
+            hint="each cluster needs its own --server name (CLOUDBK_SERVER); a cluster restored or re-initialised "
+            "with a new system identifier must archive under a new server name",
+        )
+    if index.wal_segment_size is not None and index.wal_segment_size != header.segment_size:
+        raise ConflictError(
+            f"refusing to archive {local.wal.name}: its segment size is {header.segment_size}, the repository's "
+            f"server {index.server!r} holds segments of {index.wal_segment_size} bytes",
+            key=key,
+            hint="use a separate --server name for this cluster",
+        )
+
+
+def _upload(storage: Storage, key: str, local: LocalFile, compression: str) -> tuple[int, int]:
+    """Stream the file into a create-only write. Returns (compressed payload size, stored object size)."""
+    name = local.wal.name
+    header = Header(kind=HEADER_KIND, name=name, compression=compression, sha256=local.sha256, size=local.size)
+    encoded = header.encode()
+    writer = storage.open_write(key, CREATE_ONLY)
+    try:
+        writer.write(encoded)
+        compressor = CompressingWriter(compression, writer)
+        try:
+            f: BinaryIO = open(local.path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise OperationFailed(f"cannot read WAL file {local.path}: {exc.strerror}", key=local.path) from exc
+        with f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                compressor.write(chunk)
+        compressor.finish()
+        if compressor.sha256 != local.sha256 or compressor.size != local.size:
+            raise IntegrityError(
+                f"{local.path} changed while it was being archived",
+                key=local.path,
+                hint="nothing was stored; PostgreSQL will retry. A WAL file must not change once it is ready",
+            )
+        written = len(encoded) + compressor.compressed_size
+        info = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if info.size != written:
+        raise IntegrityError(
+            f"storage reports {info.size} bytes stored for {key}, {written} were sent",
+            key=key,
+            hint="the stored object is not trusted; check the storage, then move the object aside so the push "
+            "can be retried",
+        )
+    return compressor.compressed_size, info.size
+
+
+def _compare_existing(storage: Storage, key: str, local: LocalFile) -> int:
+    """The name exists: succeed if it holds exactly our bytes, else raise. Returns the stored size."""
+    name = local.wal.name
+    try:
+        stored = read_verified(storage, key, name)
+    except IntegrityError as exc:
+        raise IntegrityError(
+            f"{name} is already archived at {key}, but the stored object is unreadable or corrupt: {exc.message}",
+            key=key,
+            hint="nothing was overwritten. Check the object; if it is damaged and this file is the good copy, move "
+            "the object aside (do not delete it before checking) and PostgreSQL's next retry will archive it",
+        ) from exc
+    sha256, size = stored.sha256, stored.size
+    if sha256 == local.sha256 and size == local.size:
+        return stored.stored_size
+    if local.wal.kind == HISTORY:
+        hint = (
+            "timeline history files are never overwritten. Two clusters share this repository and server name, "
+            "or two servers were promoted to the same timeline; archive each under its own --server name"
+        )
+    else:
+        hint = f"likely causes: {_CONFLICT_CAUSES}. Give each cluster its own --server name (CLOUDBK_SERVER)"
+    raise ConflictError(
+        f"{name} is already archived at {key} with different content (sha256 {sha256[:16]}…, {size} bytes; "
+        f"local file sha256 {local.sha256[:16]}…, {local.size} bytes); nothing was overwritten",
+        key=key,
+        hint=hint,
+    )
+
+
+def _record(local: LocalFile, key: str, history: list[HistoryEntry] | None) -> Callable[[Index], bool]:
+    """The index change for ``local`` (idempotent: it may run again on a freshly read index)."""
+
+    def mutate(index: Index) -> bool:
+        changed = False
+        header = local.segment_header
+        if header is not None:
+            _check_cluster(index, local, key)
+            if index.system_identifier is None:
+                index.system_identifier = str(header.system_identifier)
+                changed = True
+            if index.wal_segment_size is None:
+                index.wal_segment_size = header.segment_size
+                changed = True
+        wal = local.wal
+        if wal.kind == SEGMENT and header is not None:
+            changed |= index.add_segments(wal.timeline, wal.segno(header.segment_size))
+        elif wal.kind in (PARTIAL, BACKUP_LABEL):
+            changed |= index.add_other_file(wal.name)
+        elif wal.kind == HISTORY and history is not None:
+            changed |= index.add_history(wal.timeline, history)
+        return changed
+
+    return mutate
+
+
+def _read_history(local: LocalFile) -> list[HistoryEntry] | None:
+    try:
+        with open(local.path, encoding="utf-8", errors="replace") as f:
+            return parse_history(f.read())
+    except (OSError, UsageError) as exc:
+        log.warning("%s: timeline history not recorded in the index (%s); run `cloudbk reindex`", local.path, exc)
+        return None
+
+
+def push_wal(storage: Storage, server: str, path: str, compression: str) -> PushResult:
+    """Archive the WAL file at ``path``; see the module docstring. Raises on anything short of durable storage."""
+    start = time.monotonic()
+    local = inspect_file(path)
+    key = layout.wal_key(server, local.wal)
+    log.debug("%s: %d bytes, sha256 %s, key %s", path, local.size, local.sha256, key)
+
+    if local.segment_header is not None:
+        # Refuse a foreign cluster's segment before writing anything. (Re-checked inside the index update.)
+        _check_cluster(load_index(storage, server), local, key)
+
+    already = False
+    try:
+        _, stored = _upload(storage, key, local, compression)
+        log.debug("%s: stored %s (%d bytes)", local.wal.name, key, stored)
+    except AlreadyExists:
+        log.debug("%s: %s exists; comparing its content", local.wal.name, key)
+        stored = _compare_existing(storage, key, local)
+        already = True
+
+    history = _read_history(local) if local.wal.kind == HISTORY else None
+    try:
+        update_index(storage, server, _record(local, key, history))
+    except ConflictError:
+        raise
+    except CloudbkError as exc:
+        raise IndexUpdateFailed(exc, local.wal.name, key) from exc
+    return PushResult(
+        name=local.wal.name,
+        key=key,
+        size=local.size,
+        stored_size=stored,
+        compression=compression,
+        sha256=local.sha256,
+        already_archived=already,
+        seconds=time.monotonic() - start,
+    )

@@ -1,0 +1,45 @@
+"""Fixtures for the backup/restore tests: repositories a PostgreSQL server (running as ``postgres``) can use,
+and clusters that are always torn down."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from backends import PROCESS_BACKENDS, Backend, selected, unique_prefix
+from bkhelpers import Clusters
+from pgcluster import new_dir
+
+# the backend, besides the file system, where concurrency and multipart behaviour is exercised
+NETWORK_CHECK_BACKEND = "s3-seaweedfs"
+
+
+def make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
+    if name == "file":
+        return Backend(name, f"file://{new_dir('repo')}/repo")  # pytest's tmp_path is private to root
+    service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
+    backend: Backend = service.make(unique_prefix("bk"))
+    return backend
+
+
+@pytest.fixture(params=selected(PROCESS_BACKENDS))
+def pg_backend(request: pytest.FixtureRequest) -> Backend:
+    """A fresh repository on each backend a separate process can reach."""
+    return make_backend(request, request.param)
+
+
+@pytest.fixture(params=selected(("file", NETWORK_CHECK_BACKEND)))
+def concurrency_backend(request: pytest.FixtureRequest) -> Backend:
+    return make_backend(request, request.param)
+
+
+@pytest.fixture
+def file_backend(request: pytest.FixtureRequest) -> Backend:
+    return make_backend(request, "file")
+
+
+@pytest.fixture
+def clusters() -> Iterator[Clusters]:
+    registry = Clusters()
+    yield registry
+    registry.destroy_all()

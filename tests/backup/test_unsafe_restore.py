@@ -1,0 +1,102 @@
+"""A backup object holding a tar that tries to escape the destination: refused, nothing written outside."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from backends import Backend
+from bkhelpers import restore
+from pgcluster import chown_to_pg, new_dir
+
+from cloudbk import layout
+from cloudbk.compression import CompressingWriter
+from cloudbk.envelope import Header
+from cloudbk.errors import ExitCode
+from cloudbk.index import Index, update_index
+from cloudbk.manifest import FileEntry, Manifest, TarEntry, format_time
+
+BACKUP_ID = "20261121T090000Z"
+SEG = 16 * 1024 * 1024
+
+
+def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.linkname = link
+    return info, data
+
+
+def _plant_backup(backend: Backend, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    """A backup with a hand-made tar, a manifest listing its files, and an index that says the WAL is there."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    tar = raw.getvalue()
+    out = io.BytesIO()
+    out.write(Header(kind="tar", name="base.tar.zst", compression="zstd").encode())
+    comp = CompressingWriter("zstd", out)
+    comp.write(tar)
+    comp.finish()
+    files = [
+        FileEntry(info.name.lstrip("/"), len(data), hashlib.sha256(data).hexdigest())
+        for info, data in members
+        if info.isreg()
+    ]
+    manifest = Manifest(
+        id=BACKUP_ID, server="main", system_identifier="7300000000000000001", pg_version=150004, timeline=1,
+        begin_lsn=2 * SEG + 0x28, end_lsn=2 * SEG + 0x100, begin_wal="000000010000000000000002",
+        end_wal="000000010000000000000002", begin_time=format_time(datetime.now(UTC)),
+        end_time=format_time(datetime.now(UTC)), wal_segment_size=SEG, compression="zstd",
+        tars=[TarEntry("base.tar.zst", None, len(tar), hashlib.sha256(tar).hexdigest(), len(out.getvalue()), files)],
+    )  # fmt: skip
+    storage = backend.open()
+    try:
+        storage.put_bytes(layout.backup_object_key("main", BACKUP_ID, "base.tar.zst"), out.getvalue())
+        storage.put_bytes(layout.backup_manifest_key("main", BACKUP_ID), manifest.to_json())
+
+        def mutate(index: Index) -> bool:
+            index.system_identifier, index.wal_segment_size = manifest.system_identifier, SEG
+            index.add_segments(1, 1, 10)
+            index.backups[BACKUP_ID] = manifest.summary()
+            return True
+
+        update_index(storage, "main", mutate)
+    finally:
+        storage.close()
+
+
+CASES = {
+    "dotdot": [_member("PG_VERSION", b"15\n"), _member("../escaped", b"pwned")],
+    "absolute": [_member("PG_VERSION", b"15\n"), _member("/tmp/cloudbk-escaped-abs", b"pwned")],
+    "symlink-outside": [
+        _member("PG_VERSION", b"15\n"),
+        _member("evil", kind=tarfile.SYMTYPE, link="../outside"),
+        _member("evil/escaped", b"pwned"),
+    ],
+}
+REASONS = {"dotdot": "contains '..'", "absolute": "has an absolute path", "symlink-outside": "pointing outside"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_escaping_members_are_refused(file_backend: Backend, case: str) -> None:
+    _plant_backup(file_backend, CASES[case])
+    root = new_dir("evil")
+    outside = root / "outside"
+    outside.mkdir()
+    chown_to_pg(outside)
+    dest = root / "dest"
+    proc = restore(file_backend, dest, "--backup", BACKUP_ID, check=False)
+    assert proc.returncode == ExitCode.OTHER, proc.stdout + proc.stderr
+    assert REASONS[case] in proc.stderr and "incomplete" in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["dest", "outside"]
+    assert list(outside.iterdir()) == []
+    assert not Path("/tmp/cloudbk-escaped-abs").exists()
+    assert not (root.parent / "escaped").exists()
+    assert not (dest / "global" / "pg_control").exists() and not (dest / "recovery.signal").exists()

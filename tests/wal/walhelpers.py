@@ -1,0 +1,60 @@
+"""Helpers for the WAL tests: synthetic WAL files (a valid long page header, then content) and cloudbk's
+environment for a backend."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+from backends import Backend
+
+from cloudbk import wal
+
+SEGMENT_SIZE = wal.DEFAULT_SEGMENT_SIZE
+SYSID = 7312345678901234567
+PG15_PAGE_MAGIC = 0xD110
+XLP_LONG_HEADER = 0x0002
+
+
+def segment_bytes(
+    timeline: int,
+    segno: int,
+    sysid: int = SYSID,
+    seed: str = "",
+    segment_size: int = SEGMENT_SIZE,
+    payload: int = 200_000,
+) -> bytes:
+    """A segment whose first page carries a long header like PostgreSQL writes, then ``payload`` pseudo-random
+    bytes (different per ``seed``) and zeros, as a segment ended by pg_switch_wal looks."""
+    header = struct.pack(
+        "<HHIQI4xQII", PG15_PAGE_MAGIC, XLP_LONG_HEADER, timeline, segno * segment_size, 0, sysid, segment_size, 8192
+    )
+    body = hashlib.shake_256(f"{timeline}/{segno}/{seed}".encode()).digest(payload)
+    return header + body + bytes(segment_size - len(header) - len(body))
+
+
+def write_segment(directory: Path, timeline: int, segno: int, **kwargs: object) -> Path:
+    name = wal.segment_name(timeline, segno)
+    path = directory / name
+    path.write_bytes(segment_bytes(timeline, segno, **kwargs))  # type: ignore[arg-type]
+    return path
+
+
+def write_file(directory: Path, name: str, data: bytes) -> Path:
+    path = directory / name
+    path.write_bytes(data)
+    return path
+
+
+#: Short enough to keep the outage tests fast, long enough to ride out a slow emulator request.
+TEST_RETRY_DEADLINE = "3"
+
+
+def cloudbk_env(backend: Backend, **extra: str) -> dict[str, str]:
+    """The environment a cloudbk process (or a PostgreSQL server running one) needs for ``backend``."""
+    env = dict(backend.env)
+    env["CLOUDBK_REPO"] = backend.url
+    env["CLOUDBK_RETRY_DEADLINE"] = TEST_RETRY_DEADLINE
+    env.update(extra)
+    return env
