@@ -35,7 +35,7 @@ from cloudbk.pgconn import BackupStop, parse_backup_label, pg_control_system_ide
 from cloudbk.pgdata import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, scan_data_directory, scan_tablespace
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.storage.base import CREATE_ONLY, ObjectWriter, Storage
-from cloudbk.tarstream import TarWriter
+from cloudbk.tarstream import PipeSink, TarWriter
 from cloudbk.wal import lsn_segno, segment_name
 
 log = logging.getLogger("cloudbk.backup")
@@ -115,7 +115,9 @@ class _TarUpload:
         except BaseException:
             self.writer.abort()
             raise
-        self.tar = TarWriter(self.compressor, on_bytes)
+        # files are read and hashed in this thread; the stream is hashed, compressed and uploaded in another
+        self.pipe = PipeSink(self.compressor)
+        self.tar = TarWriter(self.pipe, on_bytes)
         self.files: list[tuple[str, int, str]] = []
         self.shrunk = 0
 
@@ -157,6 +159,7 @@ class _TarUpload:
         from cloudbk.manifest import FileEntry
 
         self.tar.close()
+        self.pipe.close()
         self.compressor.finish()
         info = self.writer.commit()
         return TarEntry(
@@ -169,6 +172,7 @@ class _TarUpload:
         )
 
     def abort(self) -> None:
+        self.pipe.abort()
         self.writer.abort()
 
 

@@ -22,6 +22,7 @@ Checks, in order (a check that cannot run because an earlier one failed is left 
 
 from __future__ import annotations
 
+import os
 import shlex
 import uuid
 from collections.abc import Callable
@@ -125,8 +126,6 @@ class CheckConnection(PgConnection):
     """The few queries ``check`` needs beyond the base backup's."""
 
     def __init__(self, conninfo: str | None) -> None:
-        import os
-
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
         text = conninfo or ""
@@ -246,7 +245,7 @@ def _postgres_checks(
             False,
             f"archiving {stats.last_failed_wal} failed at {stats.last_failed_time.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z "
             f"and nothing has been archived since ({stats.failed_count} failures since the statistics were reset)",
-            "the PostgreSQL log shows cloudbk-wal-push's error; WAL piles up in pg_wal until it is fixed",
+            "the PostgreSQL log shows the archive_command's error; WAL piles up in pg_wal until it is fixed",
         )
     else:
         report.add("continuous archiving", True, f"{stats.archived_count} archived, {stats.failed_count} failed")

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cloudbk import layout
-from cloudbk.errors import IntegrityError, NotFound, OperationFailed, UsageError
+from cloudbk.errors import NotFound, OperationFailed, UsageError
 from cloudbk.index import Index, gaps, load_index, update_index
 from cloudbk.manifest import STATUS_COMPLETE, BackupSummary, Manifest, format_time
 from cloudbk.retention import (
@@ -133,8 +133,14 @@ def load_catalog(storage: Storage, server: str) -> Catalog:
     return catalog
 
 
-def _mirror_keeps(keeps: dict[str, str], only: Iterable[str] | None = None) -> Callable[[Index], bool]:
-    """An index change making each summary's ``keep`` field match ``keeps``."""
+def _mirror_keeps(
+    keeps: dict[str, str], only: Iterable[str] | None = None, add_only: bool = False
+) -> Callable[[Index], bool]:
+    """An index change making each summary's ``keep`` field match ``keeps`` (for the backups in ``only``).
+
+    ``add_only`` never removes a mirror: retention repairs missing ones, but a ``keep --release`` racing it
+    removes its own, and a ``keep`` racing it must not be undone.
+    """
     wanted = None if only is None else set(only)
 
     def mutate(index: Index) -> bool:
@@ -143,6 +149,8 @@ def _mirror_keeps(keeps: dict[str, str], only: Iterable[str] | None = None) -> C
             if wanted is not None and backup_id not in wanted:
                 continue
             mode = keeps.get(backup_id)
+            if mode is None and add_only:
+                continue
             if summary.get("keep") != mode:
                 if mode is None:
                     summary.pop("keep", None)
@@ -251,8 +259,9 @@ def delete_backup(
     """Delete one backup (never its WAL: that is retention's job).
 
     Refuses a kept backup (release it first), and, unless ``force``, refuses to leave fewer than
-    ``max(1, minimum_redundancy)`` backups. ``force`` also removes the objects of a backup that has no
-    manifest (a backup-push that died, or a delete that was interrupted).
+    ``max(1, minimum_redundancy)`` backups. A backup the index lists but whose manifest is gone (an
+    interrupted delete) is finished off; ``force`` is needed to remove the objects of a backup that has
+    neither (a backup-push that died, or one still running).
     """
     layout.check_backup_id(backup_id)
     catalog = load_catalog(storage, server)
@@ -265,9 +274,9 @@ def delete_backup(
         )
     backup = catalog.find(backup_id)
     if backup is None:
-        if backup_id in catalog.incomplete:
-            pass  # an incomplete backup is not one of the backups that redundancy counts
-        elif keys or backup_id in catalog.vanished:
+        if backup_id in catalog.incomplete or backup_id in catalog.vanished:
+            pass  # not counted by redundancy; a vanished one lost its manifest already: finish the job
+        elif keys:
             if not force:
                 raise OperationFailed(
                     f"backup {backup_id} has no manifest: its {len(keys)} object(s) are left from a backup-push that "
@@ -333,7 +342,7 @@ def _wal_keys_to_delete(storage: Storage, server: str, plan: RetentionPlan, time
 
 def _expire_in_index(plan: RetentionPlan, ids: list[str], keeps: dict[str, str]) -> Callable[[Index], bool]:
     drop = _drop_from_index(ids)
-    mirror = _mirror_keeps(keeps)
+    mirror = _mirror_keeps(keeps, add_only=True)
 
     def mutate(index: Index) -> bool:
         changed = drop(index)
@@ -361,9 +370,6 @@ def apply_retention(
     catalog = load_catalog(storage, server)
     plan = plan_retention(catalog.backups, catalog.keeps, catalog.index, policy, now)
     expired = [b.id for b in plan.expired]
-    for backup_id in expired:  # belt and braces: a kept backup never reaches the delete below
-        if backup_id in catalog.keeps:
-            raise IntegrityError(f"retention planned to expire kept backup {backup_id}; refusing", key=backup_id)
     timelines = set(catalog.index.segments) | {b.timeline for b in catalog.backups}
     timelines |= {parse_wal_name(n).timeline for n in catalog.index.other_files}
     wal_keys = _wal_keys_to_delete(storage, server, plan, timelines)

@@ -201,9 +201,10 @@ def _extract_tar(
         stream = DecompressingReader(header.compression, obj)
         try:
             extractor = SafeExtractor(
-                root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner
+                root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner, hash_stream=False
             )
-            result, sha256, size = extractor.extract(stream)
+            result, _, _ = extractor.extract(stream)  # the decompressor hashes the whole stream already
+            sha256, size = stream.sha256, stream.size
         except IntegrityError as exc:
             if exc.key is None:
                 exc.key = key

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import queue
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,16 +160,17 @@ class ExtractResult:
 
 
 class _Counting:
-    """Hash and count the bytes tarfile pulls from the (decompressed) stream."""
+    """Count (and optionally hash) the bytes tarfile pulls from the (decompressed) stream."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, hashing: bool) -> None:
         self._source = source
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashing else None
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data: bytes = self._source.read(n if n is not None and n >= 0 else CHUNK)
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         self.size += len(data)
         return data
 
@@ -176,12 +179,149 @@ class _Counting:
             pass
 
 
+class PipeSink:
+    """``write`` hands chunks to a thread that writes them to ``sink``, so producing (reading files, hashing
+    them) and consuming (hashing the stream, compressing, uploading) use two cores. At most ``depth`` chunks
+    wait in between: memory stays bounded and a slow consumer slows the producer down."""
+
+    def __init__(self, sink: Sink, depth: int = 8) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cloudbk-pipe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if self._error is None:  # after a failure keep draining, so the producer never blocks forever
+                try:
+                    self._sink.write(chunk)
+                except BaseException as exc:  # handed to the producer's thread
+                    self._error = exc
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(bytes(data))  # a copy: producers reuse their buffers
+        return len(data)
+
+    def close(self) -> None:
+        """Wait until everything is written; raise the consumer's error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the consumer (after what is queued); never raises."""
+        if self._thread.is_alive():
+            self._error = self._error or _Aborted()
+            self._queue.put(None)
+            self._thread.join()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _OutFile:
+    """One file being written by the writer thread: hashed as written, checked against the manifest at close."""
+
+    def __init__(self, extractor: SafeExtractor, rel: str, path: str, fd: int, member: tarfile.TarInfo,
+                 expected: FileEntry | None) -> None:  # fmt: skip
+        self.extractor = extractor
+        self.rel, self.path, self.fd, self.member, self.expected = rel, path, fd, member, expected
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(chunk)
+        self.extractor._on_bytes(len(chunk))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        what, rel = self.extractor.what, self.rel
+        if self.size != self.member.size:
+            raise IntegrityError(f"{what}: file {rel!r} is truncated ({self.size} of {self.member.size} bytes)")
+        entry = FileEntry(rel, self.size, self.digest.hexdigest())
+        if self.expected is not None and entry.sha256 != self.expected.sha256:
+            raise IntegrityError(
+                f"{what}: file {rel!r} does not match its checksum (SHA-256 {entry.sha256}, "
+                f"manifest {self.expected.sha256})",
+                hint="the stored backup is corrupt; restore another backup",
+            )
+        os.utime(self.path, (self.member.mtime, self.member.mtime), follow_symlinks=False)
+        self.extractor._chown(self.path)
+        self.extractor._written[rel] = entry
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _FileWriter:
+    """The thread writing file contents while the caller's thread decompresses and parses the tar."""
+
+    def __init__(self, depth: int = 16) -> None:
+        self._queue: queue.Queue[tuple[_OutFile, bytes | None] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._abandoned: list[_OutFile] = []
+        self._thread = threading.Thread(target=self._run, name="cloudbk-extract", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            out, chunk = item
+            if self._error is not None:
+                out.discard()
+                continue
+            try:
+                if chunk is None:
+                    out.close()
+                else:
+                    out.write(chunk)
+            except BaseException as exc:  # handed to the caller's thread
+                out.discard()
+                self._error = exc
+
+    def put(self, out: _OutFile, chunk: bytes | None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((out, chunk))
+
+    def abandon(self, out: _OutFile) -> None:
+        """``out`` gets no more chunks (the stream failed): its descriptor is closed by ``finish``."""
+        self._abandoned.append(out)
+
+    def finish(self, raise_error: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        for out in self._abandoned:
+            out.discard()
+        if raise_error and self._error is not None:
+            raise self._error
+
+
 class SafeExtractor:
     """Extract one tar stream into ``dest`` (an existing directory), checking every member.
 
     ``expected`` maps relative paths to the size and SHA-256 each regular file must have; a file not in it,
     or with other content, is an ``IntegrityError``. ``rename`` maps member paths to the paths they are
-    written to (used to hold ``global/pg_control`` back until everything else is verified).
+    written to (used to hold ``global/pg_control`` back until everything else is verified). Files are
+    written and hashed by a second thread while this one decompresses and parses.
     """
 
     def __init__(
@@ -192,6 +332,7 @@ class SafeExtractor:
         on_bytes: Callable[[int], None] | None = None,
         what: str = "tar stream",
         owner: tuple[int, int] | None = None,
+        hash_stream: bool = True,
     ) -> None:
         self.dest = os.path.realpath(dest)
         self.owner = owner
@@ -199,29 +340,42 @@ class SafeExtractor:
         self.rename = dict(rename or {})
         self._on_bytes = on_bytes or (lambda n: None)
         self.what = what
+        self.hash_stream = hash_stream
+        self._written: dict[str, FileEntry] = {}
 
     def extract(self, stream: BinaryIO | Any) -> tuple[ExtractResult, str, int]:
-        """Extract everything; return the result and the SHA-256 and size of the whole tar stream."""
-        counting = _Counting(stream)
-        written: dict[str, FileEntry] = {}
+        """Extract everything; return the result and the SHA-256 ('' unless ``hash_stream``) and size of the
+        whole tar stream."""
+        counting = _Counting(stream, self.hash_stream)
         members = 0
+        writer = _FileWriter()
         try:
-            tar = tarfile.open(fileobj=counting, mode="r|", bufsize=CHUNK)  # type: ignore[call-overload]  # noqa: SIM115
-        except tarfile.TarError as exc:
-            raise IntegrityError(f"{self.what} is not a readable tar stream: {exc}") from exc
-        with tar:
-            while True:
-                try:
-                    member = tar.next()
-                except tarfile.TarError as exc:
-                    raise IntegrityError(f"{self.what} is corrupt after {members} members: {exc}") from exc
-                if member is None:
-                    break
-                members += 1
-                self._extract_member(tar, member, written)
-                tar.members.clear()  # stream mode remembers every member; we need none of them
-        counting.drain()  # the end-of-archive padding belongs to the stream's checksum too
-        return ExtractResult(written, members), counting.hash.hexdigest(), counting.size
+            try:
+                tar = tarfile.open(fileobj=counting, mode="r|", bufsize=CHUNK)  # type: ignore[call-overload]  # noqa: SIM115
+            except tarfile.TarError as exc:
+                raise IntegrityError(f"{self.what} is not a readable tar stream: {exc}") from exc
+            with tar:
+                while True:
+                    try:
+                        member = tar.next()
+                    except tarfile.TarError as exc:
+                        raise IntegrityError(f"{self.what} is corrupt after {members} members: {exc}") from exc
+                    if member is None:
+                        break
+                    members += 1
+                    self._extract_member(tar, member, writer)
+                    tar.members.clear()  # stream mode remembers every member; we need none of them
+            counting.drain()  # the end-of-archive padding belongs to the stream's checksum too
+        except BaseException:
+            writer.finish(raise_error=False)
+            raise
+        writer.finish()
+        digest = counting.hash.hexdigest() if counting.hash is not None else ""
+        return ExtractResult(dict(self._written), members), digest, counting.size
+
+    def _chown(self, path: str) -> None:
+        if self.owner is not None:
+            os.lchown(path, *self.owner)
 
     def _target(self, rel: str) -> str:
         """The absolute path for ``rel``, after checking no existing parent is a symlink leading outside."""
@@ -231,13 +385,9 @@ class SafeExtractor:
         real_parent = os.path.realpath(parent)
         if real_parent != self.dest and not real_parent.startswith(self.dest + os.sep):
             raise UnsafeMember(f"{self.what}: member {rel!r} would be written outside the destination")
-        if os.path.realpath(parent) != os.path.normpath(parent):
+        if real_parent != os.path.normpath(parent):
             raise UnsafeMember(f"{self.what}: member {rel!r} would be written through a symbolic link")
         return path
-
-    def _chown(self, path: str) -> None:
-        if self.owner is not None:
-            os.lchown(path, *self.owner)
 
     def _ensure_parent(self, path: str) -> None:
         parent = os.path.dirname(path)
@@ -249,7 +399,7 @@ class SafeExtractor:
             os.mkdir(directory, 0o700)
             self._chown(directory)
 
-    def _extract_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, written: dict[str, FileEntry]) -> None:
+    def _extract_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, writer: _FileWriter) -> None:
         rel = check_member(member)
         if rel == "":
             return  # the root directory itself
@@ -280,10 +430,10 @@ class SafeExtractor:
                 )
             os.link(source, path, follow_symlinks=False)
             return
-        self._extract_file(tar, member, rel, path, written)
+        self._extract_file(tar, member, rel, path, writer)
 
     def _extract_file(
-        self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, path: str, written: dict[str, FileEntry]
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, path: str, writer: _FileWriter
     ) -> None:
         expected = None
         if self.expected is not None:
@@ -298,9 +448,7 @@ class SafeExtractor:
         if source is None:  # pragma: no cover - regular members always have a file object
             raise IntegrityError(f"{self.what}: cannot read file {rel!r}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, (member.mode & 0o777) | 0o600)
-        digest = hashlib.sha256()
-        size = 0
+        out = _OutFile(self, rel, path, os.open(path, flags, (member.mode & 0o777) | 0o600), member, expected)
         try:
             while True:
                 try:
@@ -309,24 +457,8 @@ class SafeExtractor:
                     raise IntegrityError(f"{self.what}: file {rel!r} is truncated: {exc}") from exc
                 if not chunk:
                     break
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                size += len(chunk)
-                self._on_bytes(len(chunk))
-        finally:
-            os.close(fd)
-        if size != member.size:
-            raise IntegrityError(f"{self.what}: file {rel!r} is truncated ({size} of {member.size} bytes)")
-        entry = FileEntry(rel, size, digest.hexdigest())
-        if expected is not None and entry.sha256 != expected.sha256:
-            raise IntegrityError(
-                f"{self.what}: file {rel!r} does not match its checksum (SHA-256 {entry.sha256}, "
-                f"manifest {expected.sha256})",
-                hint="the stored backup is corrupt; restore another backup",
-            )
-        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
-        self._chown(path)
-        written[rel] = entry
+                writer.put(out, chunk)
+        except BaseException:
+            writer.abandon(out)
+            raise
+        writer.put(out, None)

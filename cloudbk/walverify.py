@@ -400,5 +400,15 @@ def verify_deep(storage: Storage, index: Index, report: VerifyReport, workers: i
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for future in [pool.submit(check, k) for k in keys]:
             future.result()
-    report.problems.sort(key=lambda p: (p.timeline or 0, p.first or 0, p.kind, p.key or ""))
+    report.problems.sort(key=lambda p: _problem_order(p, report.segment_size))
     return report
+
+
+def _problem_order(problem: Problem, segment_size: int) -> tuple[int, int, int, str]:
+    """By timeline, then by position in WAL (from the key when the problem has no range), gaps first."""
+    where = problem.first
+    if where is None and problem.key is not None:
+        wal = parse_wal_name(layout.wal_name_from_key(problem.key))
+        where = wal.segno(segment_size) if wal.kind != HISTORY else -1
+    kinds = (GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM)
+    return (problem.timeline or 0, -1 if where is None else where, kinds.index(problem.kind), problem.key or "")

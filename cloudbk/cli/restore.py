@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def format_plan(plan: object, stored_size: int, options: object) -> str:
     from cloudbk.pitr import RecoveryPlan
     from cloudbk.restore import RestoreOptions
-    from cloudbk.wal import format_lsn
+    from cloudbk.wal import format_lsn, segment_name
 
     assert isinstance(plan, RecoveryPlan) and isinstance(options, RestoreOptions)
     b = plan.backup
@@ -149,11 +149,12 @@ def format_plan(plan: object, stored_size: int, options: object) -> str:
         + (f", then {options.target_action}" if plan.target.kind != "end" else ""),
         f"  timelines   {timelines}" + (" (latest)" if options.target_timeline is None else ""),
     ]
-    label = "  WAL       "
+    label = "  WAL        "
     for s in plan.stretches:
-        names = plan.segment_names(s) if s.count <= 2 else [plan.segment_names(s)[0], "..", plan.segment_names(s)[-1]]
+        first, last = (segment_name(s.timeline, n, plan.segment_size) for n in (s.first, s.last))
+        names = [first] if s.count == 1 else [first, last] if s.count == 2 else [first, "..", last]
         lines.append(f"{label} timeline {s.timeline}: {' '.join(names)} ({s.count} segments)")
-        label = "            "
+        label = "             "
     if plan.open_ended:
         lines.append("              (the target cannot be placed in WAL ahead of time: every segment archived on the "
                      "path is required)")  # fmt: skip

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         b = d.backup
         fate = "RETAINED" if d.retain else "EXPIRED"
         end_lsn = b.to_dict()["end_lsn"]
-        print(f"  {b.id}  timeline {b.timeline}  end {end_lsn}  {b.end_time}  {fate} ({d.reason})")
+        print(f"  {b.id}  timeline {b.timeline}  end {end_lsn}  {b.end_time}  {fate}: {d.reason}")
     for backup_id in result.catalog.vanished:
         print(f"  {backup_id}  listed by the index but its manifest is gone: its leftovers {verb}")
     for backup_id in result.catalog.orphans:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if tr.required:
             first, last = tr.required[0][0], tr.required[-1][1]
             span = f"{segment_name(tr.timeline, first, size)} .. {segment_name(tr.timeline, last, size)}"
-            status = "OK" if not tr.missing else f"GAPS ({sum(b - a + 1 for a, b in tr.missing)} segments missing)"
+            status = "OK" if not tr.missing else f"GAPS ({sum(b - a + 1 for a, b in tr.missing)} segment(s) missing)"
             print(f"timeline {tr.timeline}: {span} ({tr.required_count} segments required): {status}")
         else:
             archived = sum(b - a + 1 for a, b in tr.archived)

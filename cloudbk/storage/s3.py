@@ -68,15 +68,15 @@ MAX_OBJECT_SIZE = 5 * TiB
 MAX_DELETE_KEYS = 1000
 
 DEFAULT_PART_SIZE = 8 * MiB
-# Part ``n`` is ``base + PART_GROWTH * (n // PARTS_PER_STEP)`` bytes: the first 64 parts (512 MiB with the
-# default base) keep the base size, then parts grow linearly, so 10,000 parts hold ~6 TiB from a 5 MiB base
-# (more than MAX_OBJECT_SIZE) while the part in memory grows only like sqrt(object size): 48 MiB at 10 GiB,
-# 160 MiB at 100 GiB, 512 MiB at 1 TiB, ~1.1 GiB at 5 TiB. tests/storage/test_s3_specific.py checks the sums.
-PART_GROWTH = 8 * MiB
-PARTS_PER_STEP = 64
+# Part ``n`` is ``base + PART_GROWTH * (n // PARTS_PER_STEP)`` bytes: the first 128 parts (1 GiB with the
+# default base) keep the base size, then parts grow linearly, so 10,000 parts hold more than MAX_OBJECT_SIZE
+# from a 5 MiB base while the part in memory grows only like sqrt(object size): ~56 MiB at 10 GiB,
+# ~160 MiB at 100 GiB, ~0.5 GiB at 1 TiB. tests/storage/test_s3_specific.py checks the sums.
+PART_GROWTH = 16 * MiB
+PARTS_PER_STEP = 128
 # PartWriter uploads several parts at once; as parts grow, fewer of them go in flight so their memory stays
-# within this budget (but two at least, so big parts still overlap): 4 x 8 MiB, ..., 2 x 160 MiB at 100 GiB.
-IN_FLIGHT_BYTES = 128 * MiB
+# within this budget (but two at least, so big parts still overlap): 4 x 8 MiB or 16 MiB, 2 x 160 MiB at 100 GiB.
+IN_FLIGHT_BYTES = 32 * MiB
 
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
 READ_TIMEOUT = 60.0  # seconds without a byte from the server

@@ -86,14 +86,14 @@ class Site:
         self.primary.sql("select pg_switch_wal()")
         self.primary.wait_archived()
 
-    def restore(self, backup_id: str | None = None, archive: bool = False, *extra: str) -> PgCluster:
+    def restore(self, backup_id: str | None = None, archive: bool = False) -> PgCluster:
         """``cloudbk restore`` into a new data directory and start it: recovery replays the archive, then promotes.
 
         With ``archive`` the restored server archives its new timeline into the same repository (a failover);
         otherwise archiving is off (a restore test that must not touch the repository)."""
         parent = new_dir("lc-restore")
         datadir = parent / "data"
-        args = ["restore", str(datadir), *extra]
+        args = ["restore", str(datadir)]
         if backup_id is not None:
             args += ["--backup", backup_id]
         self.cloudbk(*args)

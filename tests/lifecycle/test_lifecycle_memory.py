@@ -98,9 +98,12 @@ def test_an_interrupted_run_leaves_nothing_listed_as_restorable_half_deleted() -
         assert layout.backup_manifest_key(SERVER, backup_id) in keys_under(
             storage, layout.backup_prefix(SERVER, backup_id)
         )
-    # the next run finishes the job
+    # `delete` finishes one of them without --force: it no longer exists
+    assert delete_backup(storage, SERVER, ids[0]).existed is False
+    assert ids[0] not in load_index(storage, SERVER).backups
+    # the next retention run finishes the others
     result = apply_retention(storage, SERVER, Policy(redundancy=2), now=T0)
-    assert sorted(result.backup_keys) == ids[:3]
+    assert sorted(result.backup_keys) == ids[1:3]
     assert sorted(load_index(storage, SERVER).backups) == ids[3:]
     for backup_id in ids[:3]:
         assert keys_under(storage, layout.backup_prefix(SERVER, backup_id)) == []

@@ -213,21 +213,16 @@ def _start_or_fail(service: S3Service) -> S3Service:
     return service
 
 
-@pytest.fixture(scope="session")
-def s3_moto_service(service_logs: Path) -> Iterator[S3Service]:
+def start_moto(log_dir: Path) -> S3Service:
+    """Start moto's standalone S3 server on a free loopback port (used by the fixture and the benchmarks)."""
     port = free_port()
-    process = ServiceProcess("moto", [find_tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, service_logs)
+    process = ServiceProcess("moto", [find_tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, log_dir)
     # moto accepts any credentials (unless INITIAL_NO_AUTH_ACTION_COUNT is set): no bad-credentials test.
-    service = _start_or_fail(S3Service("s3-moto", process, "test", "test", checks_credentials=False))
-    try:
-        yield service
-    finally:
-        service.stop()
+    return _start_or_fail(S3Service("s3-moto", process, "test", "test", checks_credentials=False))
 
 
-@pytest.fixture(scope="session")
-def s3_seaweedfs_service(service_logs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
-    home = tmp_path_factory.mktemp("seaweedfs")
+def start_seaweedfs(home: Path, log_dir: Path) -> S3Service:
+    """Start SeaweedFS's S3 gateway (`weed mini`) with data under ``home``, every port pinned to loopback."""
     data, config = home / "data", home / "config"
     data.mkdir()
     config.mkdir()  # an empty -config_dir: no security.toml/filer.toml from ~/.seaweedfs or /etc/seaweedfs
@@ -292,10 +287,24 @@ def s3_seaweedfs_service(service_logs: Path, tmp_path_factory: pytest.TempPathFa
             local = Path(f"/tmp/seaweedfs-{component}-{ports[port_name]}.sock")
             leftovers.append(local)
         argv.append(f"-{component}.localSocket={local}")
-    process = ServiceProcess("seaweedfs", argv, ports["s3.port"], service_logs, cwd=str(home))
-    service = _start_or_fail(
+    process = ServiceProcess("seaweedfs", argv, ports["s3.port"], log_dir, cwd=str(home))
+    return _start_or_fail(
         S3Service("s3-seaweedfs", process, access_key, secret_key, checks_credentials=True, leftovers=leftovers)
     )
+
+
+@pytest.fixture(scope="session")
+def s3_moto_service(service_logs: Path) -> Iterator[S3Service]:
+    service = start_moto(service_logs)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_seaweedfs_service(service_logs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
+    service = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), service_logs)
     try:
         yield service
     finally:
