@@ -58,8 +58,9 @@ log = logging.getLogger("cloudbk.walpush")
 
 _CHUNK = 1024 * 1024
 _CONFLICT_CAUSES = (
-    "two clusters archiving into the same repository and server name, or a standby promoted without a new "
-    "timeline (e.g. an old primary still archiving after a failover)"
+    "two clusters archiving into the same repository under the same server name (a copy or restore of this "
+    "cluster, a re-created cluster), or two servers promoted onto the same timeline (two standbys of one "
+    "primary, or one backup restored twice)"
 )
 
 

@@ -9,7 +9,7 @@ Run as root on a machine prepared by ``scripts/install.sh`` (PostgreSQL runs as 
     /opt/cloudbk-venv/bin/python scripts/bench_backup.py --scales 10 --backends file
 
 MB/s is the database size (the bytes of the files in the backup, as the manifest records them) divided by the
-wall time of the command. Peak RSS is the largest resident set of the cloudbk process (``wait4`` rusage).
+wall time of the command. Peak RSS is the high-water resident set (VmHWM) of the cloudbk process.
 The data is read from the page cache in every row alike (the machine has room for it): the numbers compare
 cloudbk with a plain copy, they are not disk benchmarks. Nothing here runs in the test suite.
 """
@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,23 +63,81 @@ def say(text: str) -> None:
     print(f"==> {text}", file=sys.stderr, flush=True)
 
 
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRss:
+    """The largest VmHWM among a process tree, sampled until it ends.
+
+    Not ``wait4``'s ru_maxrss: a child's ru_maxrss starts from its parent's peak at fork/exec, so it would
+    report this (large) benchmark process instead of cloudbk. VmHWM belongs to one address space, and being a
+    high-water mark, any sample taken after the peak sees it.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in _descendants(self.pid):
+                self.peak = max(self.peak, _hwm_kib(pid))
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def measured(argv: Sequence[str], env: dict[str, str]) -> Measure:
     """Run ``argv`` as the postgres user; wall time and the peak RSS of its largest process."""
     full_env = dict(os.environ)
     full_env.update(env)
     full_env["PATH"] = f"{BIN_DIR}:{PG_BIN}:{full_env.get('PATH', '/usr/bin:/bin')}"
+    os.sync()  # start from a clean page cache: writeback left by the previous step must not slow this one
     start = time.monotonic()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(pg_command(argv), env=full_env, stdout=subprocess.PIPE, stderr=err, cwd="/")
-        assert proc.stdout is not None
-        out = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(pg_command(argv), env=full_env, stdout=out, stderr=err, cwd="/")
+        rss = PeakRss(proc.pid)
+        proc.wait()
         seconds = time.monotonic() - start
+        peak = rss.stop()
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{err.read().decode()}")
-    return Measure(seconds, usage.ru_maxrss, out)
+        out.seek(0)
+        return Measure(seconds, peak, out.read().decode())
 
 
 def data_files(root: Path) -> Iterator[Path]:
@@ -195,12 +254,14 @@ class Bench:
 
     def ceiling(self, name: str, pgdata: Path, url: str, repo_env: dict[str, str]) -> tuple[float, float]:
         """Seconds to copy PGDATA's bytes to the storage and back, with no cloudbk in between."""
+        os.sync()
         if name == "file":
             target = self.work / "raw-copy"
             start = time.monotonic()
             shutil.copytree(pgdata, target, symlinks=True, ignore=shutil.ignore_patterns("postmaster.pid"))
             subprocess.run(["sync", "-f", str(target)], check=True)  # cloudbk fsyncs what it stores; so does this
             up = time.monotonic() - start
+            os.sync()
             start = time.monotonic()
             shutil.copytree(target, self.work / "raw-back", symlinks=True)
             down = time.monotonic() - start
@@ -230,6 +291,7 @@ class Bench:
         if not source.size or stored != source.size:
             raise SystemExit(f"raw upload stored {stored} bytes of {source.size}")
         local = self.work / "raw-download"
+        os.sync()
         start = time.monotonic()
         with open(local, "wb") as f:
             client.download_fileobj(bucket, key, f, Config=config)

@@ -109,7 +109,8 @@ def build_parser(only: str | None = None) -> ArgumentParser:
         if only is not None and name != only:
             continue
         module = _module(modname)
-        cmd = sub.add_parser(name, parents=[common], help=module.HELP, description=module.HELP)
+        text = module.HELP.replace("%", "%%")  # argparse %-formats help; '%p' in a HELP would crash --help
+        cmd = sub.add_parser(name, parents=[common], help=text, description=text)
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser

@@ -9,6 +9,7 @@ with missing WAL is refused unless ``--force``. After the restore, ``pg_ctl -D D
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -18,6 +19,8 @@ from cloudbk.cli.main import terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
 from cloudbk.errors import OperationFailed, UsageError
+
+log = logging.getLogger("cloudbk")
 
 HELP = "restore a backup into an empty directory and configure point-in-time recovery"
 
@@ -129,6 +132,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print("recovery settings appended to postgresql.auto.conf (and recovery.signal created):")
     for name, value in result.settings.items():
         print(f"  {name} = '{value}'")
+    if os.geteuid() == 0 and os.stat(result.dest).st_uid == 0:
+        log.warning("the restored files belong to root; PostgreSQL will not start on them: chown -R postgres: %s "
+                    "(or run restore as the server's OS user)", result.dest)  # fmt: skip
     print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
     return 0
 

@@ -13,7 +13,9 @@ from pgcluster import BIN_DIR, new_dir, run_as_pg
 from cloudbk.wal import parse_wal_name
 
 
-def test_concurrent_wal_pushes_and_a_backup_lose_no_index_entry(concurrency_backend: Backend, clusters: Clusters) -> None:
+def test_concurrent_wal_pushes_and_a_backup_lose_no_index_entry(
+    concurrency_backend: Backend, clusters: Clusters
+) -> None:
     backend = concurrency_backend
     spool = new_dir("spool")
     # real segments of the cluster, set aside by a plain copy, to be pushed by hand all at once later

@@ -13,7 +13,6 @@ from bkhelpers import (
     archive_all,
     current_timeline,
     index_of,
-    new_dest,
     repo_env,
     restore,
     start_and_promote,

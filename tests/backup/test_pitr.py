@@ -24,7 +24,9 @@ def lsn(segno: int, offset: int = 0x28) -> int:
     return segno * SEG + offset
 
 
-def manifest(backup_id: str, begin_seg: int, end_seg: int, minutes: int, timeline: int = 1, next_xid: int = 0) -> Manifest:
+def manifest(
+    backup_id: str, begin_seg: int, end_seg: int, minutes: int, timeline: int = 1, next_xid: int = 0
+) -> Manifest:
     return Manifest(
         id=backup_id,
         server="main",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -11,7 +12,7 @@ import pytest
 
 from cloudbk.errors import IntegrityError
 from cloudbk.manifest import FileEntry
-from cloudbk.tarstream import SafeExtractor, TarWriter, UnsafeMember, check_member
+from cloudbk.tarstream import PipeSink, SafeExtractor, TarWriter, UnsafeMember, check_member
 
 
 class Buffer(io.BytesIO):
@@ -49,7 +50,7 @@ def test_round_trip_with_checksums(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     result, sha, size = SafeExtractor(str(dest), entries).extract(io.BytesIO(data))
-    assert size == len(data)
+    assert size == len(data) and sha == hashlib.sha256(data).hexdigest()
     assert set(result.files) == set(entries)
     for rel, entry in entries.items():
         assert result.files[rel] == entry
@@ -180,3 +181,35 @@ def test_check_member_accepts_what_backups_hold() -> None:
     assert check_member(_link("a/b/c", "../d")[0]) == "a/b/c"
     with pytest.raises(UnsafeMember):
         check_member(_link("a/b", "../../d")[0])
+
+
+class _SlowSink:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.fail_at = fail_at
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.fail_at is not None and len(self.chunks) >= self.fail_at:
+            raise OSError("disk on fire")
+        self.chunks.append(bytes(data))
+        return len(data)
+
+
+def test_pipe_sink_copies_chunks_in_order() -> None:
+    sink = _SlowSink()
+    pipe = PipeSink(sink, depth=2)
+    buf = bytearray(b"a" * 10)
+    for i in range(50):
+        buf[:] = bytes([65 + i % 26]) * 10
+        pipe.write(memoryview(buf))  # the producer reuses its buffer: the pipe must have copied it
+    pipe.close()
+    assert b"".join(sink.chunks) == b"".join(bytes([65 + i % 26]) * 10 for i in range(50))
+
+
+def test_pipe_sink_surfaces_the_consumer_error() -> None:
+    pipe = PipeSink(_SlowSink(fail_at=3), depth=2)
+    with pytest.raises(OSError, match="disk on fire"):
+        for _ in range(100):
+            pipe.write(b"x" * 100)
+        pipe.close()
+    pipe.abort()  # safe after a failure

@@ -1,0 +1,125 @@
+"""Base backup pieces without a server: what is copied from PGDATA, vanishing files, the bounded WAL wait."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cloudbk import layout
+from cloudbk.basebackup import _Counter, _TarUpload, wait_for_wal
+from cloudbk.compression import DecompressingReader
+from cloudbk.envelope import read_header
+from cloudbk.errors import OperationFailed
+from cloudbk.index import Index, update_index
+from cloudbk.pgdata import scan_data_directory, scan_tablespace
+from cloudbk.progress import NoProgress
+from cloudbk.storage.memory import MemoryStorage
+from cloudbk.wal import segment_name
+
+
+def _touch(root: Path, rel: str, data: bytes = b"x") -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _fake_pgdata(tmp_path: Path) -> Path:
+    root = tmp_path / "pgdata"
+    for rel in [
+        "PG_VERSION", "postgresql.conf", "postgresql.auto.conf", "postmaster.pid", "postmaster.opts",
+        "backup_label", "tablespace_map", "global/pg_control", "global/1262", "global/pg_internal.init",
+        "base/1/1259", "base/1/1259_fsm", "base/1/1259_vm", "base/1/16400", "base/1/16400.1", "base/1/16400_fsm",
+        "base/1/16400_init", "base/1/t3_16500", "base/1/pg_internal.init", "base/pgsql_tmp/pgsql_tmp123.0",
+        "pg_wal/000000010000000000000001", "pg_wal/archive_status/000000010000000000000001.ready",
+        "pg_replslot/slot1/state", "pg_stat_tmp/global.stat", "pg_subtrans/0000", "pg_notify/0000",
+        "pg_xact/0000", "pg_logical/replorigin_checkpoint",
+    ]:  # fmt: skip
+        _touch(root, rel)
+    (root / "pg_tblspc").mkdir()
+    os.symlink("/srv/tablespace", root / "pg_tblspc" / "16385")
+    return root
+
+
+def test_pgdata_scan_leaves_out_what_postgresql_says_to(tmp_path: Path) -> None:
+    entries = {e.rel: e.kind for e in scan_data_directory(str(_fake_pgdata(tmp_path)))}
+    files = {rel for rel, kind in entries.items() if kind == "f"}
+    assert files == {
+        "PG_VERSION", "postgresql.conf", "postgresql.auto.conf", "global/1262", "base/1/1259", "base/1/1259_fsm",
+        "base/1/1259_vm", "base/1/16400_init", "pg_xact/0000", "pg_logical/replorigin_checkpoint",
+    }  # fmt: skip
+    # directories whose contents are left out are still there, empty
+    for directory in ("pg_wal", "pg_wal/archive_status", "pg_replslot", "pg_stat_tmp", "pg_subtrans", "pg_tblspc"):
+        assert entries[directory] == "d"
+    assert "pg_tblspc/16385" not in entries  # recreated from tablespace_map
+    assert "base/pgsql_tmp" not in entries
+
+
+def test_tablespace_scan_copies_this_major_version_only(tmp_path: Path) -> None:
+    root = tmp_path / "ts"
+    _touch(root, "PG_15_202209061/16384/16390")
+    _touch(root, "PG_14_202107181/16384/16390")
+    rels = {e.rel for e in scan_tablespace(str(root), "PG_15_")}
+    assert rels == {"PG_15_202209061", "PG_15_202209061/16384", "PG_15_202209061/16384/16390"}
+
+
+def test_file_vanishing_during_the_backup_is_left_out(tmp_path: Path) -> None:
+    root = _fake_pgdata(tmp_path)
+    entries = scan_data_directory(str(root))
+    os.unlink(root / "base" / "1" / "1259")  # dropped after the scan, before it was copied
+    storage = MemoryStorage()
+    upload = _TarUpload(storage, "main/backups/x/base.tar.zst", "base.tar.zst", "zstd", 0, _Counter(NoProgress()))
+    for entry in entries:
+        upload.add(entry)
+    tar = upload.finish(None)
+    assert "base/1/1259" not in {f.path for f in tar.files}
+    assert "base/1/1259_fsm" in {f.path for f in tar.files}
+    with storage.open_read("main/backups/x/base.tar.zst") as obj:
+        header = read_header(obj, "k")
+        assert header.kind == "tar" and header.sha256 is None
+        data = DecompressingReader(header.compression, obj).read()
+    assert len(data) == tar.size
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert "base/1/1259" not in tf.getnames()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_wal_wait_finds_segments_in_the_index_or_by_key() -> None:
+    storage = MemoryStorage()
+
+    def add(index: Index) -> bool:
+        index.add_segments(1, 5)
+        return True
+
+    update_index(storage, "main", add)
+    # segment 6 is stored but the index does not list it yet (its wal-push has not updated the index)
+    storage.put_bytes(layout.wal_key("main", segment_name(1, 6)), b"segment")
+    clock = FakeClock()
+    wait_for_wal(storage, "main", 1, 5, 6, 16 * 1024 * 1024, 10, sleep=clock.sleep, clock=clock)
+    assert clock.now == 0.0
+
+
+def test_wal_wait_is_bounded_and_says_what_to_check() -> None:
+    storage = MemoryStorage()
+    clock = FakeClock()
+    with pytest.raises(OperationFailed) as err:
+        wait_for_wal(
+            storage, "main", 1, 5, 6, 16 * 1024 * 1024, 30, diagnose=lambda: "pg_stat_archiver: failing",
+            sleep=clock.sleep, clock=clock,
+        )  # fmt: skip
+    assert 30 <= clock.now < 33
+    text = str(err.value)
+    assert segment_name(1, 5) in text and "archive_command" in text and "pg_stat_archiver: failing" in text
