@@ -272,7 +272,7 @@ class _OutFile:
 class _FileWriter:
     """The thread writing file contents while the caller's thread decompresses and parses the tar."""
 
-    def __init__(self, depth: int = 16) -> None:
+    def __init__(self, depth: int = 8) -> None:
         self._queue: queue.Queue[tuple[_OutFile, bytes | None] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._abandoned: list[_OutFile] = []

@@ -76,9 +76,15 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def common_options() -> ArgumentParser:
-    """Options every command accepts, before or after the command name."""
-    p = ArgumentParser(add_help=False)
+def common_options(into: argparse.ArgumentParser | None = None, suppress: bool = False) -> ArgumentParser:
+    """Options every command accepts, before or after the command name.
+
+    The top-level parser holds them with default None; each subcommand holds a copy whose default is
+    SUPPRESS, so ``cloudbk --repo X wal-push P`` keeps X while ``cloudbk wal-push --repo X P`` also works.
+    """
+    p = into if into is not None else ArgumentParser(add_help=False)
+    if suppress:
+        p.argument_default = argparse.SUPPRESS
     g = p.add_argument_group("repository and connection")
     g.add_argument("--config", help="TOML config file (env CLOUDBK_CONFIG)")
     g.add_argument(
@@ -92,8 +98,14 @@ def common_options() -> ArgumentParser:
     g.add_argument(
         "--retry-deadline", type=float, help="seconds to retry transient storage errors (env CLOUDBK_RETRY_DEADLINE)"
     )
-    g.add_argument("-v", "--verbose", action="store_true", default=None, help="log more detail to stderr")
-    return p
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else None,
+        help="log more detail to stderr",
+    )
+    return p  # type: ignore[return-value]
 
 
 def _module(name: str) -> ModuleType:
@@ -101,9 +113,10 @@ def _module(name: str) -> ModuleType:
 
 
 def build_parser(only: str | None = None) -> ArgumentParser:
-    common = common_options()
+    common = common_options(suppress=True)
     parser = ArgumentParser(prog="cloudbk", description="PostgreSQL backup and WAL archiving to object storage")
     parser.add_argument("--version", action="version", version=f"cloudbk {__version__}")
+    common_options(into=parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, modname in COMMANDS.items():
         if only is not None and name != only:
@@ -128,7 +141,7 @@ def _setup_logging(command: str, verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Build only the named command's parser when we can tell it: faster start for archive_command.
-    only = next((a for a in args_list if not a.startswith("-")), None)
+    only = next((a for a in args_list if a in COMMANDS), None)
     try:
         parser = build_parser(only if only in COMMANDS else None)
         args = parser.parse_args(args_list)

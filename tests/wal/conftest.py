@@ -3,41 +3,53 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from backends import NETWORK_BACKENDS, PROCESS_BACKENDS, Backend, selected, unique_prefix
 from pgcluster import new_dir
 from services.proxy import TcpProxy, loopback_ports, redirect_env
+from walhelpers import Outage
 
 
 def _process_backend(request: pytest.FixtureRequest, name: str) -> Backend:
     if name == "file":
         # pytest's tmp_path is private to root; archive_command runs as postgres
-        return Backend(name, f"file://{new_dir('repo')}")
+        return Backend(name, f"file://{new_dir('walrepo')}")
     service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
     backend: Backend = service.make(unique_prefix("wal"))
     return backend
 
 
 @pytest.fixture(params=selected(PROCESS_BACKENDS))
-def pg_backend(request: pytest.FixtureRequest) -> Backend:
+def pg_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """A fresh repository on each backend a separate process can reach (not ``memory``)."""
-    return _process_backend(request, request.param)
+    backend = _process_backend(request, request.param)
+    yield backend
+    if backend.name == "file":
+        shutil.rmtree(backend.url.removeprefix("file://"), ignore_errors=True)
 
 
-@dataclasses.dataclass
-class Outage:
-    """A network backend reached two ways: ``direct``, and ``proxied`` through a proxy a test can cut."""
+@pytest.fixture
+def pg_dirs() -> Iterator[Callable[[str], Path]]:
+    """Make directories owned by the PostgreSQL user (``pg_dirs("tag")``), removed after the test."""
+    made: list[Path] = []
 
-    direct: Backend
-    proxied: Backend
-    proxy: TcpProxy
+    def make(tag: str) -> Path:
+        path = new_dir(tag)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=selected(NETWORK_BACKENDS))
 def outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
-    direct = _process_backend(request, request.param)
+    direct = _process_backend(request, request.param)  # a network backend: nothing on local disk
     ports = loopback_ports(direct.env)
     assert len(ports) == 1, f"expected one loopback endpoint in {direct.name}'s environment, found {ports}"
     (port,) = ports

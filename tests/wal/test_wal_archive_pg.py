@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from backends import Backend
-from pgcluster import PgCluster, new_dir, run_as_pg
+from pgcluster import PgCluster, run_as_pg
 from walhelpers import cloudbk_env
 
 from cloudbk import layout
@@ -14,7 +17,9 @@ from cloudbk.walfetch import fetch_wal
 SWITCHES = 20
 
 
-def test_archive_command_archives_every_segment_byte_for_byte(pg_backend: Backend) -> None:
+def test_archive_command_archives_every_segment_byte_for_byte(
+    pg_backend: Backend, pg_dirs: Callable[[str], Path]
+) -> None:
     env = cloudbk_env(pg_backend)
     cluster = PgCluster.init("arch", env=env, initdb_args=("--no-sync",))
     # keep every segment in pg_wal so the archived copies can be compared with the originals
@@ -41,7 +46,7 @@ def test_archive_command_archives_every_segment_byte_for_byte(pg_backend: Backen
 
         # every archived file fetched back is identical: a few through the restore_command as PostgreSQL runs
         # it (a process per file, as the postgres user), all of them through the same fetch in this process
-        out = new_dir("fetched")
+        out = pg_dirs("fetched")
         for name in (done[0], done[len(done) // 2], done[-1]):
             run_as_pg(["cloudbk-wal-fetch", name, str(out / f"cli-{name}")], env=env, cwd=str(cluster.datadir))
             original = (cluster.datadir / "pg_wal" / name).read_bytes()

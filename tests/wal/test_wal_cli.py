@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from backends import NETWORK_BACKENDS, Backend, selected
-from pgcluster import BIN_DIR, chown_to_pg, new_dir, run_as_pg
+from pgcluster import BIN_DIR, chown_to_pg, run_as_pg
 from walhelpers import cloudbk_env, segment_bytes, write_segment
 
 from cloudbk import layout
@@ -38,9 +39,9 @@ def pg_file(directory: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def test_duplicate_push(pg_backend: Backend) -> None:
+def test_duplicate_push(pg_backend: Backend, pg_dirs: Callable[[str], Path]) -> None:
     env = cloudbk_env(pg_backend)
-    work = new_dir("dup")
+    work = pg_dirs("dup")
     src = pg_file(work, SEG3, segment_bytes(1, 3))
     first = push(env, src)
     assert first.returncode == 0, first.stderr
@@ -54,7 +55,7 @@ def test_duplicate_push(pg_backend: Backend) -> None:
     assert again.returncode == 0, again.stderr
     assert "already archived with identical content" in again.stderr
 
-    forked_dir = new_dir("fork")
+    forked_dir = pg_dirs("fork")
     forked = pg_file(forked_dir, SEG3, segment_bytes(1, 3, seed="a second cluster"))
     refused = push(env, forked)
     assert refused.returncode == ExitCode.OTHER, refused.stderr
@@ -65,9 +66,9 @@ def test_duplicate_push(pg_backend: Backend) -> None:
     assert load_index(storage, "main").segments == {1: [[3, 3]]}
 
 
-def test_partial_backup_and_history_files(pg_backend: Backend) -> None:
+def test_partial_backup_and_history_files(pg_backend: Backend, pg_dirs: Callable[[str], Path]) -> None:
     env = cloudbk_env(pg_backend)
-    work, out = new_dir("other"), new_dir("out")
+    work, out = pg_dirs("other"), pg_dirs("out")
     files = {
         f"{SEG3}.partial": segment_bytes(1, 3, seed="partial"),
         f"{SEG3}.00000028.backup": b"START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n",
@@ -84,7 +85,7 @@ def test_partial_backup_and_history_files(pg_backend: Backend) -> None:
     assert fetch(env, SEG3, str(out / "RECOVERYXLOG")).returncode == 1
     assert not (out / "RECOVERYXLOG").exists()
     # a timeline history file is never overwritten
-    other = new_dir("other-history")
+    other = pg_dirs("other-history")
     refused = push(env, pg_file(other, "00000002.history", b"1\t0/5000000\tanother promotion\n"))
     assert refused.returncode == ExitCode.OTHER, refused.stderr
     assert "never overwritten" in refused.stderr
@@ -93,12 +94,12 @@ def test_partial_backup_and_history_files(pg_backend: Backend) -> None:
     assert index.other_files == sorted(n for n in files if not n.endswith(".history"))
 
 
-def test_fetch_absent_corrupt_and_recovery_exit_codes(pg_backend: Backend) -> None:
+def test_fetch_absent_corrupt_and_recovery_exit_codes(pg_backend: Backend, pg_dirs: Callable[[str], Path]) -> None:
     env = cloudbk_env(pg_backend)
-    work = new_dir("fetch")
+    work = pg_dirs("fetch")
     src = pg_file(work, SEG3, segment_bytes(1, 3))
     assert push(env, src).returncode == 0
-    out = new_dir("out")
+    out = pg_dirs("out")
 
     ok = fetch(env, SEG3, str(out / "RECOVERYXLOG"))
     assert ok.returncode == 0, ok.stderr
@@ -121,7 +122,7 @@ def test_fetch_absent_corrupt_and_recovery_exit_codes(pg_backend: Backend) -> No
     assert sorted(os.listdir(out)) == []  # DEST not created, no temporary file left
 
     # the same corrupt object while the server is in archive recovery: stop it, never let it promote
-    datadir = new_dir("pgdata")
+    datadir = pg_dirs("pgdata")
     for name in ("PG_VERSION", "recovery.signal"):
         pg_file(datadir, name, b"15\n" if name == "PG_VERSION" else b"")
     fatal = fetch(env, SEG3, str(out / "RECOVERYXLOG"), str(datadir))

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Outage
 from pgcluster import PG_BIN, PgCluster, new_dir, run_as_pg
-from walhelpers import cloudbk_env
+from walhelpers import Outage, cloudbk_env
 
 from cloudbk.index import load_index
 
@@ -25,9 +25,9 @@ PROBE_DEADLINE = "0.5"  # the probes below only need to see the outage, not wait
 RESTORED = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 
 
-def _base_backup(primary: PgCluster) -> Path:
+def _base_backup(primary: PgCluster, workdir: Path) -> Path:
     """A tar-format base backup without WAL: recovery has to fetch every segment from the archive."""
-    target = new_dir("basebackup") / "tar"
+    target = workdir / "tar"
     run_as_pg(
         [str(PG_BIN / "pg_basebackup"), "-d", primary.conninfo, "-D", str(target), "-Ft", "-X", "none", "-c", "fast"]
     )
@@ -73,14 +73,16 @@ def _control_state(cluster: PgCluster) -> str:
     return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Database cluster state"))
 
 
-def test_pitr_stops_on_storage_outage_and_completes_after_restart(outage: Outage) -> None:
+def test_pitr_stops_on_storage_outage_and_completes_after_restart(
+    outage: Outage, pg_dirs: Callable[[str], Path]
+) -> None:
     primary = PgCluster.init("primary", env=cloudbk_env(outage.direct), initdb_args=("--no-sync",))
     primary.enable_archiving("cloudbk-wal-push %p")
     primary.start()
     try:
         primary.sql("create table t (phase int, i int, pad text)")
         primary.sql("insert into t select 1, g, md5(g::text) from generate_series(1, 1000) g")
-        tar = _base_backup(primary)
+        tar = _base_backup(primary, pg_dirs("basebackup"))
         for n in range(SEGMENTS_AFTER_BACKUP):
             rows = f"generate_series({n * 500}, {n * 500 + 499})"
             primary.sql(f"insert into t select 2, g, repeat(md5(g::text), 4) from {rows} g")
@@ -127,7 +129,7 @@ def test_pitr_stops_on_storage_outage_and_completes_after_restart(outage: Outage
 
         # the restore_command alone, as PostgreSQL runs it (in the data directory), while the storage is down
         probe = run_as_pg(
-            ["cloudbk-wal-fetch", "000000010000000000000010", str(new_dir("probe") / "x")],
+            ["cloudbk-wal-fetch", "000000010000000000000010", str(pg_dirs("probe") / "x")],
             env={**env, "CLOUDBK_RETRY_DEADLINE": PROBE_DEADLINE},
             cwd=str(restored.datadir),
             check=False,
@@ -156,14 +158,14 @@ def test_pitr_stops_on_storage_outage_and_completes_after_restart(outage: Outage
     assert any(name.endswith(".backup") for name in index.other_files), index.other_files
 
 
-def test_standby_retries_through_storage_outage_and_catches_up(outage: Outage) -> None:
+def test_standby_retries_through_storage_outage_and_catches_up(outage: Outage, pg_dirs: Callable[[str], Path]) -> None:
     primary = PgCluster.init("primary", env=cloudbk_env(outage.direct), initdb_args=("--no-sync",))
     primary.enable_archiving("cloudbk-wal-push %p")
     primary.start()
     standby: PgCluster | None = None
     try:
         primary.sql("create table t (phase int, i int)")
-        tar = _base_backup(primary)
+        tar = _base_backup(primary, pg_dirs("basebackup"))
         env = cloudbk_env(outage.proxied)
         standby = _restore(
             tar, "standby", env, "standby.signal", {"hot_standby": "on", "wal_retrieve_retry_interval": "'200ms'"}
@@ -184,7 +186,7 @@ def test_standby_retries_through_storage_outage_and_catches_up(outage: Outage) -
         primary.wait_archived()  # the primary's own path to the storage is untouched
 
         probe = run_as_pg(
-            ["cloudbk-wal-fetch", needed, str(new_dir("probe") / "x")],
+            ["cloudbk-wal-fetch", needed, str(pg_dirs("probe") / "x")],
             env={**env, "CLOUDBK_RETRY_DEADLINE": PROBE_DEADLINE},
             cwd=str(standby.datadir),
             check=False,

@@ -3,11 +3,13 @@ environment for a backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from pathlib import Path
 
 from backends import Backend
+from services.proxy import TcpProxy
 
 from cloudbk import wal
 
@@ -58,3 +60,12 @@ def cloudbk_env(backend: Backend, **extra: str) -> dict[str, str]:
     env["CLOUDBK_RETRY_DEADLINE"] = TEST_RETRY_DEADLINE
     env.update(extra)
     return env
+
+
+@dataclasses.dataclass
+class Outage:
+    """A network backend reached two ways: ``direct``, and ``proxied`` through a proxy a test can cut."""
+
+    direct: Backend
+    proxied: Backend
+    proxy: TcpProxy
