@@ -302,8 +302,7 @@ def take_backup(
             )
             uploads.append(up)
             ts_uploads[ts.oid] = up
-        cancel = threading.Event()
-        counter.cancel = cancel
+        cancel = counter.cancel
 
         def stream_tablespace(oid: int) -> TarEntry:
             try:
@@ -342,8 +341,11 @@ def take_backup(
         progress.finish()
 
         label = parse_backup_label(stop.backup_label)
-        begin_wal = label["START WAL LOCATION"].split("file ")[1].rstrip(")")
-        timeline = int(label["START TIMELINE"])
+        try:
+            begin_wal = label["START WAL LOCATION"].split("file ")[1].rstrip(")")
+            timeline = int(label["START TIMELINE"])
+        except (KeyError, IndexError, ValueError) as exc:
+            raise OperationFailed(f"PostgreSQL returned a backup_label cloudbk cannot read: {exc!r}") from exc
         # the stop point ends the backup-end record: its segment is the one before it when it sits on a boundary
         end_seg = lsn_segno(stop.lsn - 1, segment_size)
         begin_seg = lsn_segno(begin_lsn, segment_size)

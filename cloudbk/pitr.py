@@ -237,10 +237,19 @@ def choose_backup(
             f"server {index.server!r} has no complete backup in this repository",
             hint="take one with `cloudbk backup-push`; check --repo and --server",
         )
-    if backup_id is not None and backup_id != "latest":
-        chosen = next((b for b in backups if b.id == backup_id), None)
-        if chosen is None:
-            raise OperationFailed(f"backup {backup_id} does not exist", hint="see `cloudbk backup-list`")
+    candidates = [b for b in backups if on_path(b, path)]
+    if backup_id is not None:
+        if backup_id == "latest":
+            if not candidates:
+                raise OperationFailed(
+                    f"no backup is on the history of timeline {tli}", hint="see `cloudbk backup-list`"
+                )
+            chosen = candidates[-1]
+        else:
+            found = next((b for b in backups if b.id == backup_id), None)
+            if found is None:
+                raise OperationFailed(f"backup {backup_id} does not exist", hint="see `cloudbk backup-list`")
+            chosen = found
         if not on_path(chosen, path):
             raise OperationFailed(
                 f"backup {chosen.id} (timeline {chosen.timeline}, ended at {format_lsn(chosen.end_lsn)}) is not on "
@@ -254,8 +263,7 @@ def choose_backup(
                 hint="choose an older backup, or leave out --backup to let cloudbk choose",
             )
         return chosen
-    candidates = [b for b in backups if on_path(b, path)]
-    if backup_id == "latest" or target.kind in (END, NAME, IMMEDIATE):
+    if target.kind in (END, NAME, IMMEDIATE):
         if not candidates:
             raise OperationFailed(f"no backup is on the history of timeline {tli}", hint="see `cloudbk backup-list`")
         return candidates[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -71,8 +72,23 @@ def archive_all(pg: PgCluster) -> None:
     pg.wait_archived()
 
 
+_SCRATCH: list[Path] = []
+
+
+def scratch_dir(tag: str) -> Path:
+    """A fresh directory owned by the PostgreSQL user, removed when the test ends (see conftest)."""
+    path = new_dir(tag)
+    _SCRATCH.append(path)
+    return path
+
+
+def remove_scratch_dirs() -> None:
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+
+
 def new_dest() -> Path:
-    return new_dir("restore") / "data"
+    return scratch_dir("restore") / "data"
 
 
 def start_and_promote(pg: PgCluster) -> None:

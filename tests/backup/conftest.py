@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from backends import PROCESS_BACKENDS, Backend, selected, unique_prefix
-from bkhelpers import Clusters
-from pgcluster import new_dir
+from bkhelpers import Clusters, remove_scratch_dirs, scratch_dir
 
 # the backend, besides the file system, where concurrency and multipart behaviour is exercised
 NETWORK_CHECK_BACKEND = "s3-seaweedfs"
@@ -16,7 +15,7 @@ NETWORK_CHECK_BACKEND = "s3-seaweedfs"
 
 def make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
     if name == "file":
-        return Backend(name, f"file://{new_dir('repo')}/repo")  # pytest's tmp_path is private to root
+        return Backend(name, f"file://{scratch_dir('repo')}/repo")  # pytest's tmp_path is private to root
     service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
     backend: Backend = service.make(unique_prefix("bk"))
     return backend
@@ -43,3 +42,9 @@ def clusters() -> Iterator[Clusters]:
     registry = Clusters()
     yield registry
     registry.destroy_all()
+
+
+@pytest.fixture(autouse=True)
+def _scratch() -> Iterator[None]:
+    yield
+    remove_scratch_dirs()

@@ -7,8 +7,8 @@ import subprocess
 import threading
 
 from backends import Backend
-from bkhelpers import Clusters, backup_push, index_of, repo_env
-from pgcluster import BIN_DIR, new_dir, run_as_pg
+from bkhelpers import Clusters, backup_push, index_of, repo_env, scratch_dir
+from pgcluster import BIN_DIR, run_as_pg
 
 from cloudbk.wal import parse_wal_name
 
@@ -17,7 +17,7 @@ def test_concurrent_wal_pushes_and_a_backup_lose_no_index_entry(
     concurrency_backend: Backend, clusters: Clusters
 ) -> None:
     backend = concurrency_backend
-    spool = new_dir("spool")
+    spool = scratch_dir("spool")
     # real segments of the cluster, set aside by a plain copy, to be pushed by hand all at once later
     pg = clusters.archiving(backend, archive_command=f"cp %p {spool}/%f")
     pg.sql("CREATE TABLE t (n int)")

@@ -115,7 +115,9 @@ def test_target_between_two_backups_picks_the_older_one() -> None:
     with pytest.raises(OperationFailed, match="after the target"):
         choose_backup(idx, at(5), backup_id=second.id)
     assert choose_backup(idx, at(15), backup_id=first.id).id == first.id
-    assert choose_backup(idx, at(5), backup_id="latest").id == second.id
+    assert choose_backup(idx, at(15), backup_id="latest").id == second.id
+    with pytest.raises(OperationFailed, match="after the target"):
+        choose_backup(idx, at(5), backup_id="latest")
 
 
 def test_xid_target_uses_the_next_xid_at_the_backup_end() -> None:

@@ -6,15 +6,15 @@ import json
 import os
 
 from backends import Backend
-from bkhelpers import Clusters, archive_all, backup_push, new_dest, repo_env, restore, start_and_promote
-from pgcluster import cloudbk, new_dir
+from bkhelpers import Clusters, archive_all, backup_push, new_dest, repo_env, restore, scratch_dir, start_and_promote
+from pgcluster import cloudbk
 
 from cloudbk.errors import ExitCode
 
 
 def test_tablespace_round_trip_with_mapping(file_backend: Backend, clusters: Clusters) -> None:
     pg = clusters.archiving(file_backend)
-    location = new_dir("tblspc")
+    location = scratch_dir("tblspc")
     pg.sql(f"CREATE TABLESPACE extra LOCATION '{location}'")
     pg.sql("CREATE TABLE moved (n int) TABLESPACE extra; INSERT INTO moved SELECT generate_series(1, 20000)")
     backup_id = backup_push(pg, file_backend, "--compression", "lz4").stdout.strip().splitlines()[-1]
@@ -34,7 +34,7 @@ def test_tablespace_round_trip_with_mapping(file_backend: Backend, clusters: Clu
     assert str(location) in proc.stderr and "not empty" in proc.stderr
     assert not dest.exists()
 
-    mapped = new_dir("tblspc-new") / "ts"
+    mapped = scratch_dir("tblspc-new") / "ts"
     restore(file_backend, dest, "--tablespace-mapping", f"{location}={mapped}")
     restored = clusters.restored(dest, file_backend, archive=False)
     start_and_promote(restored)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from backends import Backend
-from bkhelpers import restore
-from pgcluster import chown_to_pg, new_dir
+from bkhelpers import restore, scratch_dir
+from pgcluster import chown_to_pg
 
 from cloudbk import layout
 from cloudbk.compression import CompressingWriter
@@ -89,7 +89,7 @@ REASONS = {"dotdot": "contains '..'", "absolute": "has an absolute path", "symli
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_escaping_members_are_refused(file_backend: Backend, case: str) -> None:
     _plant_backup(file_backend, CASES[case])
-    root = new_dir("evil")
+    root = scratch_dir("evil")
     outside = root / "outside"
     outside.mkdir()
     chown_to_pg(outside)
