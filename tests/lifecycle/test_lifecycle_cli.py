@@ -19,8 +19,6 @@ from cloudbk.cli.main import main
 from cloudbk.index import load_index
 from cloudbk.storage.memory import MemoryStorage
 
-NOW = datetime.now(UTC)
-
 
 @pytest.fixture
 def repo(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, MemoryStorage]]:
@@ -29,7 +27,9 @@ def repo(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, MemoryStorage]]
     storage = MemoryStorage.named(url)
     put_segments(storage, 1, 2, 20)
     for i in range(4):
-        make_backup(storage, f"2026010{i + 1}T000000Z", 1, 2 + 4 * i, 3 + 4 * i, NOW - timedelta(days=3 - i, hours=1))
+        # ages are measured from when the fixture runs, not when the module was imported (the CLI reads the clock)
+        now = datetime.now(UTC)
+        make_backup(storage, f"2026010{i + 1}T000000Z", 1, 2 + 4 * i, 3 + 4 * i, now - timedelta(days=3 - i, hours=1))
     for name in list(os.environ):
         if name.startswith(("CLOUDBK_", "PG")):
             monkeypatch.delenv(name)
