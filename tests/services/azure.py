@@ -31,7 +31,10 @@ from cloudbk.storage.azure import DEFAULT_BLOCK_SIZE
 from .proc import ServiceProcess, free_port
 
 AZURITE_ENV = "CLOUDBK_AZURITE"
-AZURITE_DEFAULT = "/opt/cloudbk-tools/azurite/node_modules/.bin/azurite-blob"
+# where scripts/install.sh puts it: $CLOUDBK_TOOLS (default /opt/cloudbk-tools)/azurite
+AZURITE_DEFAULT = os.path.join(
+    os.environ.get("CLOUDBK_TOOLS", "/opt/cloudbk-tools"), "azurite/node_modules/.bin/azurite-blob"
+)
 # Azurite's well-known development account, published in its README and in Microsoft's Azurite docs
 # ("Use the Azurite emulator for local Azure Storage development"). Not a secret.
 DEV_ACCOUNT = "devstoreaccount1"
