@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from services.launch import start_backend  # noqa: E402 - needs the sys.path entries above
+
 MiB = 1024 * 1024
 CHUNK = MiB
 BACKENDS = ("file", "s3-moto", "s3-seaweedfs", "azure", "gcs")
@@ -182,35 +184,6 @@ def run_child(spec: dict[str, Any]) -> tuple[float, float]:
         raise SystemExit(f"{spec['backend']} {spec['mode']} failed")
     seconds = float(json.loads(out.decode().strip().splitlines()[-1])["seconds"])
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-
-
-def start_backend(name: str, work: Path) -> tuple[Any, str, dict[str, str]]:
-    from backends import unique_prefix
-
-    if name == "file":
-        return None, f"file://{work / 'file-repo'}", {}
-    if name == "s3-moto":
-        from services.s3 import start_moto
-
-        service: Any = start_moto(work)
-    elif name == "s3-seaweedfs":
-        from services.s3 import start_seaweedfs
-
-        home = work / "seaweedfs"
-        home.mkdir()
-        service = start_seaweedfs(home, work)
-    elif name == "azure":
-        from services.azure import AzuriteService
-
-        service = AzuriteService(work / "azurite", work)
-        service.start()
-    else:
-        from services.gcs import FakeGCSService
-
-        service = FakeGCSService(work / "gcs", work)
-        service.start()
-    backend = service.make(unique_prefix("bench"))
-    return service, backend.url, backend.env
 
 
 def main() -> None:

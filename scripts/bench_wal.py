@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+
+from services.launch import start_backend  # noqa: E402 - needs the sys.path entries above
 
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
@@ -61,35 +62,6 @@ def real_segments(count: int, out: Path, scale: int) -> list[Path]:
         return chosen
     finally:
         cluster.destroy()
-
-
-def start_backend(name: str, work: Path) -> tuple[Any, str, dict[str, str]]:
-    from backends import unique_prefix
-
-    if name == "file":
-        return None, f"file://{work / 'repo'}", {}
-    if name == "s3-moto":
-        from services.s3 import start_moto
-
-        service: Any = start_moto(work)
-    elif name == "s3-seaweedfs":
-        from services.s3 import start_seaweedfs
-
-        home = work / "seaweedfs"
-        home.mkdir()
-        service = start_seaweedfs(home, work)
-    elif name == "azure":
-        from services.azure import AzuriteService
-
-        service = AzuriteService(work / "azurite", work)
-        service.start()
-    else:
-        from services.gcs import FakeGCSService
-
-        service = FakeGCSService(work / "gcs", work)
-        service.start()
-    backend = service.make(unique_prefix("bench"))
-    return service, backend.url, backend.env
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float | None]:
