@@ -15,7 +15,7 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cloudbk.errors import IntegrityError
+from cloudbk.errors import IntegrityError, refuse_newer_format
 
 MAGIC = b"CLOUDBK\x01"
 FORMAT_VERSION = 1
@@ -64,10 +64,5 @@ def read_header(reader: Any, key: str) -> Header:
         header = Header(**data)
     except (ValueError, TypeError) as exc:
         raise IntegrityError(f"object {key} has an unreadable header: {exc}", key=key) from exc
-    if header.format_version > FORMAT_VERSION:
-        raise IntegrityError(
-            f"object {key} has format version {header.format_version}, newer than this cloudbk ({FORMAT_VERSION})",
-            key=key,
-            hint="upgrade cloudbk",
-        )
+    refuse_newer_format("object", key, header.format_version, FORMAT_VERSION)
     return header

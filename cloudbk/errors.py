@@ -54,6 +54,16 @@ class IntegrityError(CloudbkError):
     exit_code = ExitCode.OTHER
 
 
+def refuse_newer_format(what: str, key: str, version: int, known: int) -> None:
+    """Raise ``IntegrityError`` when ``what`` at ``key`` has a format version newer than the ``known`` one."""
+    if version > known:
+        raise IntegrityError(
+            f"{what} {key} has format version {version}, newer than this cloudbk ({known})",
+            key=key,
+            hint="upgrade cloudbk",
+        )
+
+
 class ConflictError(CloudbkError):
     """An object exists with different content than the one we were asked to store."""
 

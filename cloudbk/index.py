@@ -17,7 +17,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cloudbk import layout
-from cloudbk.errors import AlreadyExists, IntegrityError, NotFound, PreconditionFailed, StorageError
+from cloudbk.errors import (
+    AlreadyExists,
+    IntegrityError,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    refuse_newer_format,
+)
 from cloudbk.storage.base import CREATE_ONLY, IfVersion, Storage
 from cloudbk.wal import HistoryEntry, format_lsn, parse_lsn
 
@@ -150,12 +157,7 @@ class Index:
         try:
             doc = json.loads(data)
             version = int(doc.get("format_version", 0))
-            if version > INDEX_FORMAT_VERSION:
-                raise IntegrityError(
-                    f"index {key} has format version {version}, newer than this cloudbk",
-                    key=key,
-                    hint="upgrade cloudbk",
-                )
+            refuse_newer_format("index", key, version, INDEX_FORMAT_VERSION)
             return cls(
                 server=str(doc["server"]),
                 system_identifier=doc.get("system_identifier"),

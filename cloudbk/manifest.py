@@ -10,11 +10,12 @@ as UTC ISO 8601 (``2026-11-21T09:30:12.123456Z``). See docs/format.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cloudbk.errors import IntegrityError
+from cloudbk.errors import IntegrityError, refuse_newer_format
 from cloudbk.wal import format_lsn, parse_lsn
 
 MANIFEST_FORMAT_VERSION = 1
@@ -41,6 +42,28 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+
+
+# The fields a manifest and its summary in the index share, each with how it is read back from JSON.
+_SHARED_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "id": str,
+    "system_identifier": str,
+    "pg_version": int,
+    "timeline": int,
+    "begin_lsn": parse_lsn,
+    "end_lsn": parse_lsn,
+    "begin_wal": str,
+    "end_wal": str,
+    "begin_time": str,
+    "end_time": str,
+    "wal_segment_size": int,
+    "compression": str,
+}
+
+
+def _read_shared(doc: dict[str, Any]) -> dict[str, Any]:
+    """The shared fields of a manifest or summary document (KeyError/ValueError/TypeError on bad input)."""
+    return {name: convert(doc[name]) for name, convert in _SHARED_FIELDS.items()}
 
 
 @dataclass(frozen=True)
@@ -147,26 +170,10 @@ class Manifest:
     def from_dict(cls, doc: dict[str, Any], key: str) -> Manifest:
         try:
             version = int(doc.get("format_version", 0))
-            if version > MANIFEST_FORMAT_VERSION:
-                raise IntegrityError(
-                    f"manifest {key} has format version {version}, newer than this cloudbk",
-                    key=key,
-                    hint="upgrade cloudbk",
-                )
+            refuse_newer_format("manifest", key, version, MANIFEST_FORMAT_VERSION)
             return cls(
-                id=str(doc["id"]),
+                **_read_shared(doc),
                 server=str(doc["server"]),
-                system_identifier=str(doc["system_identifier"]),
-                pg_version=int(doc["pg_version"]),
-                timeline=int(doc["timeline"]),
-                begin_lsn=parse_lsn(doc["begin_lsn"]),
-                end_lsn=parse_lsn(doc["end_lsn"]),
-                begin_wal=str(doc["begin_wal"]),
-                end_wal=str(doc["end_wal"]),
-                begin_time=str(doc["begin_time"]),
-                end_time=str(doc["end_time"]),
-                wal_segment_size=int(doc["wal_segment_size"]),
-                compression=str(doc["compression"]),
                 tablespaces=[Tablespace(int(t["oid"]), str(t["name"]), str(t["location"])) for t in doc["tablespaces"]],
                 tars=[
                     TarEntry(
@@ -209,19 +216,8 @@ class Manifest:
     def summary(self) -> dict[str, Any]:
         """What the index keeps about this backup: enough to list it and to plan a recovery from it."""
         return BackupSummary(
-            id=self.id,
+            **{name: getattr(self, name) for name in _SHARED_FIELDS},
             status=self.status,
-            system_identifier=self.system_identifier,
-            pg_version=self.pg_version,
-            timeline=self.timeline,
-            begin_lsn=self.begin_lsn,
-            end_lsn=self.end_lsn,
-            begin_wal=self.begin_wal,
-            end_wal=self.end_wal,
-            begin_time=self.begin_time,
-            end_time=self.end_time,
-            wal_segment_size=self.wal_segment_size,
-            compression=self.compression,
             data_size=self.data_size,
             stored_size=self.stored_size,
             file_count=self.file_count,
@@ -273,19 +269,8 @@ class BackupSummary:
     def from_dict(cls, doc: dict[str, Any], where: str = "index") -> BackupSummary:
         try:
             return cls(
-                id=str(doc["id"]),
+                **_read_shared(doc),
                 status=str(doc["status"]),
-                system_identifier=str(doc["system_identifier"]),
-                pg_version=int(doc["pg_version"]),
-                timeline=int(doc["timeline"]),
-                begin_lsn=parse_lsn(doc["begin_lsn"]),
-                end_lsn=parse_lsn(doc["end_lsn"]),
-                begin_wal=str(doc["begin_wal"]),
-                end_wal=str(doc["end_wal"]),
-                begin_time=str(doc["begin_time"]),
-                end_time=str(doc["end_time"]),
-                wal_segment_size=int(doc["wal_segment_size"]),
-                compression=str(doc["compression"]),
                 data_size=int(doc["data_size"]),
                 stored_size=int(doc["stored_size"]),
                 file_count=int(doc.get("file_count", 0)),

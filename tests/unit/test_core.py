@@ -161,3 +161,20 @@ def test_localstack_compose_file_parses() -> None:
     assert any("ready.d" in v for v in service["volumes"])
     hook = REPO / "localstack" / "init" / "ready.d" / "create-bucket.sh"
     assert os.access(hook, os.X_OK)
+
+
+def test_newer_formats_are_refused_with_a_hint_to_upgrade() -> None:
+    from cloudbk.manifest import Manifest
+
+    newer = Header(kind="wal", name="000000010000000000000001", compression="none", format_version=99)
+    with pytest.raises(IntegrityError) as info:
+        read_header(io.BytesIO(newer.encode()), "main/wal/00000001/000000010000000000000001")
+    assert "format version 99" in str(info.value) and "upgrade cloudbk" in str(info.value)
+    index_doc = Index(server="main").to_json().replace(b'"format_version": 1', b'"format_version": 99')
+    with pytest.raises(IntegrityError) as info:
+        Index.from_json(index_doc, "main/index.json")
+    assert "index main/index.json has format version 99" in str(info.value)
+    with pytest.raises(IntegrityError) as info:
+        Manifest.from_json(b'{"format_version": 99}', "main/backups/x/manifest.json")
+    assert "manifest main/backups/x/manifest.json has format version 99" in str(info.value)
+    assert "upgrade cloudbk" in str(info.value)
