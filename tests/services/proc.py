@@ -106,3 +106,24 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class RestartableService:
+    """A test service around one ``ServiceProcess``: ``start`` (also a restart, on the same port and data
+    directory) returns once ``_wait_ready`` has made a real request succeed; a failed start stops the process."""
+
+    process: ServiceProcess
+
+    def start(self) -> None:
+        self.process.start()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.process.stop()
+            raise
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def _wait_ready(self) -> None:
+        raise NotImplementedError

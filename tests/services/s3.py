@@ -22,14 +22,14 @@ from backends import Backend
 
 from cloudbk.storage.s3 import DEFAULT_PART_SIZE
 
-from .proc import ServiceProcess, find_tool, free_port
+from .proc import RestartableService, ServiceProcess, find_tool, free_port
 
 BUCKET = "cloudbk-test"  # SeaweedFS rejects bucket names shorter than 3 characters, as S3 does
 REGION = "us-east-1"
 READY_TIMEOUT = 60.0
 
 
-class S3Service:
+class S3Service(RestartableService):
     """One S3 server process, its credentials, and the bucket the tests use."""
 
     def __init__(
@@ -78,16 +78,11 @@ class S3Service:
     def start(self) -> None:
         """Start the server and return once a real S3 round trip succeeds and the bucket exists."""
         self._remove_leftovers()
-        self.process.start()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.process.stop()
-            raise
+        super().start()
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM). SeaweedFS waits up to 15 s for downloads in flight: use kill() then."""
-        self.process.stop()
+        super().stop()
         self._remove_leftovers()
 
     def kill(self) -> None:

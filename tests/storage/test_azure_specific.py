@@ -124,20 +124,6 @@ def test_retried_commit_recognises_its_own_write(backend: Backend, monkeypatch: 
 
 
 @pytest.mark.parametrize("backend", AZURE, indirect=True)
-def test_outage_is_transient_and_restart_keeps_data(backend: Backend, driver: Storage) -> None:
-    service = backend.service
-    assert isinstance(service, AzuriteService)
-    driver.put_bytes("restart/k", b"kept")
-    service.stop()
-    try:
-        with pytest.raises(TransientError):
-            driver.stat("restart/k")
-    finally:
-        service.start()
-    assert driver.get_bytes("restart/k") == b"kept"
-
-
-@pytest.mark.parametrize("backend", AZURE, indirect=True)
 def test_read_interrupted_by_outage_resumes(backend: Backend) -> None:
     service = backend.service
     assert isinstance(service, AzuriteService)

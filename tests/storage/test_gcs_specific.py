@@ -181,20 +181,6 @@ def test_resumable_create_only_race_has_exactly_one_winner(driver: Storage) -> N
 
 
 @pytest.mark.parametrize("backend", GCS, indirect=True)
-def test_outage_is_transient_and_restart_keeps_data(backend: Backend, driver: Storage) -> None:
-    service = backend.service
-    assert isinstance(service, FakeGCSService)
-    driver.put_bytes("restart/k", b"kept")
-    service.stop()
-    try:
-        with pytest.raises(TransientError):
-            driver.stat("restart/k")
-    finally:
-        service.start()
-    assert driver.get_bytes("restart/k") == b"kept"
-
-
-@pytest.mark.parametrize("backend", GCS, indirect=True)
 def test_read_interrupted_by_outage_resumes(backend: Backend) -> None:
     service = backend.service
     assert isinstance(service, FakeGCSService)

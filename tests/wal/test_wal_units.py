@@ -387,6 +387,19 @@ ERRORS = {
 }
 
 
+# Exit codes in standby mode and outside recovery: only "absent" is 1, storage failures are 2.
+_OUTSIDE_ARCHIVE_RECOVERY = {
+    "absent": 1,
+    "storage": 2,
+    "denied": 2,
+    "permanent": 2,
+    "corrupt": 4,
+    "usage": 3,
+    "not-configured": 3,
+    "failed": 4,
+}
+
+
 @pytest.mark.parametrize(
     ("signals", "expected"),
     [
@@ -405,42 +418,15 @@ ERRORS = {
         ),
         (
             ("standby.signal",),
-            {
-                "absent": 1,
-                "storage": 2,
-                "denied": 2,
-                "permanent": 2,
-                "corrupt": 4,
-                "usage": 3,
-                "not-configured": 3,
-                "failed": 4,
-            },
+            _OUTSIDE_ARCHIVE_RECOVERY,
         ),
         (
             ("standby.signal", "recovery.signal"),  # standby.signal wins, as in PostgreSQL
-            {
-                "absent": 1,
-                "storage": 2,
-                "denied": 2,
-                "permanent": 2,
-                "corrupt": 4,
-                "usage": 3,
-                "not-configured": 3,
-                "failed": 4,
-            },
+            _OUTSIDE_ARCHIVE_RECOVERY,
         ),
         (
             (),
-            {
-                "absent": 1,
-                "storage": 2,
-                "denied": 2,
-                "permanent": 2,
-                "corrupt": 4,
-                "usage": 3,
-                "not-configured": 3,
-                "failed": 4,
-            },
+            _OUTSIDE_ARCHIVE_RECOVERY,
         ),
     ],
 )
