@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from cloudbk.errors import IntegrityError, refuse_newer_format
 from cloudbk.wal import format_lsn, parse_lsn
@@ -73,6 +73,19 @@ class Tablespace:
     location: str  # the directory pg_tblspc/<oid> pointed at when the backup was taken
 
 
+@dataclass(frozen=True)
+class LinkEntry:
+    """A symbolic link the backup found (and followed) in a tar stream's directory: see docs/backup.md."""
+
+    DIR: ClassVar[str] = "dir"
+    FILE: ClassVar[str] = "file"
+    DANGLING: ClassVar[str] = "dangling"  # pointed at nothing: no content in the tar
+
+    path: str  # relative to the stream's root, like FileEntry.path
+    target: str  # what readlink() returned at backup time
+    type: str  # what it pointed at: DIR, FILE or DANGLING
+
+
 @dataclass
 class TarEntry:
     """One tar stream: PGDATA (``tablespace_oid`` None) or one tablespace's directory."""
@@ -83,10 +96,22 @@ class TarEntry:
     sha256: str  # of the uncompressed tar stream
     stored_size: int  # bytes of the stored object (envelope header + compressed stream)
     files: list[FileEntry] = field(default_factory=list)
+    #: None in manifests written before links were recorded: their tars may hold symbolic link members
+    links: list[LinkEntry] | None = None
 
     @property
     def data_size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def _read_links(rows: Any) -> list[LinkEntry] | None:
+    if rows is None:
+        return None
+    links = [LinkEntry(str(r["path"]), str(r["target"]), str(r["type"])) for r in rows]
+    for link in links:
+        if link.type not in (LinkEntry.DIR, LinkEntry.FILE, LinkEntry.DANGLING):
+            raise ValueError(f"link {link.path!r} has an unknown type {link.type!r}")
+    return links
 
 
 @dataclass
@@ -156,6 +181,7 @@ class Manifest:
                 "stored_size": t.stored_size,
                 # compact rows: [path, size, sha256]; a large cluster has tens of thousands of files
                 "files": [[f.path, f.size, f.sha256] for f in t.files],
+                **({} if t.links is None else {"links": [asdict(link) for link in t.links]}),
             }
             for t in self.tars
         ]
@@ -183,6 +209,7 @@ class Manifest:
                         sha256=str(t["sha256"]),
                         stored_size=int(t["stored_size"]),
                         files=[FileEntry(str(p), int(s), str(h)) for p, s, h in t["files"]],
+                        links=_read_links(t.get("links")),
                     )
                     for t in doc["tars"]
                 ],

@@ -27,12 +27,13 @@ from cloudbk.compression import DecompressingReader
 from cloudbk.envelope import read_header
 from cloudbk.errors import CloudbkError, IntegrityError, NotFound, OperationFailed, UsageError
 from cloudbk.index import Index, load_index
+from cloudbk.links import RESERVED, requested_links
 from cloudbk.manifest import BASE_TAR, Manifest, TarEntry
 from cloudbk.pgdata import PG_CONTROL, TABLESPACE_MAP
 from cloudbk.pitr import RecoveryPlan, Stretch, Target, choose_backup, plan_recovery
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.storage.base import Storage
-from cloudbk.tarstream import SafeExtractor
+from cloudbk.tarextract import SafeExtractor
 from cloudbk.wal import history_name, segment_name
 
 log = logging.getLogger("cloudbk.restore")
@@ -65,6 +66,8 @@ class RestoreOptions:
     target_action: str = "promote"
     target_timeline: int | None = None  # None: 'latest'
     tablespace_mapping: dict[str, str] = field(default_factory=dict)
+    link_all: bool = False  # recreate every link the backup recorded (docs/backup.md, "Symbolic links")
+    link_map: dict[str, str] = field(default_factory=dict)  # NAME -> PATH: recreate link NAME pointing at PATH
     force: bool = False
     parallel: int = 4
 
@@ -77,6 +80,7 @@ class RestoreResult:
     seconds: float
     settings: dict[str, str]
     tablespaces: dict[int, str]
+    links: dict[str, str] = field(default_factory=dict)
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -163,10 +167,27 @@ def tablespace_targets(manifest: Manifest, mapping: Mapping[str, str]) -> dict[i
     return {ts.oid: normalized.get(loc, loc) for loc, ts in locations.items()}
 
 
+def _require_writable(path: str, what: str) -> None:
+    """``path`` exists and is writable, or can be created: its nearest existing parent is writable."""
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        made = "" if existing == path else f"cannot be created: {existing} "
+        raise UsageError(
+            f"{what} {path} {made}is not writable by this user (uid {os.geteuid()})",
+            key=path,
+            hint=f"run restore as the OS user that will run the server, after giving it {existing} "
+            f"(e.g. mkdir {path} && chown postgres: {path} as root), or choose another directory",
+        )
+
+
 def check_destinations(dest: str, targets: Mapping[int, str]) -> None:
     _require_empty(dest, "destination")
+    _require_writable(dest, "destination")
     for oid, path in targets.items():
         _require_empty(path, f"tablespace {oid} directory")
+        _require_writable(path, f"tablespace {oid} directory")
         real_dest = os.path.realpath(dest)
         if os.path.realpath(path) == real_dest or os.path.realpath(path).startswith(real_dest + os.sep):
             raise UsageError(f"tablespace {oid} directory {path} is inside the destination {dest}")
@@ -190,10 +211,13 @@ def _extract_tar(
     root: str,
     progress: Progress,
     owner: tuple[int, int] | None,
+    options: RestoreOptions,
+    links: Mapping[str, str],
 ) -> int:
     key = layout.backup_object_key(server, manifest.id, tar.name)
     expected = {f.path: f for f in tar.files}
-    rename = {PG_CONTROL: PG_CONTROL_TMP} if tar.tablespace_oid is None else {}
+    base = tar.tablespace_oid is None
+    rename = {PG_CONTROL: PG_CONTROL_TMP} if base else {}
     with storage.open_read(key) as obj:
         header = read_header(obj, key)
         if header.kind != "tar" or header.name != tar.name:
@@ -201,8 +225,12 @@ def _extract_tar(
         stream = DecompressingReader(header.compression, obj)
         try:
             extractor = SafeExtractor(
-                root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner, hash_stream=False
-            )
+                root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner, hash_stream=False,
+                links=links if base else {},
+                symlinks=tar.links is None,  # only backups from before links were recorded hold link members
+                trust_symlinks=options.link_all and tar.links is None,
+                reserved=RESERVED if base else frozenset(),
+            )  # fmt: skip
             result, _, _ = extractor.extract(stream)  # the decompressor hashes the whole stream already
             sha256, size = stream.sha256, stream.size
         except IntegrityError as exc:
@@ -300,6 +328,55 @@ def write_recovery_config(
     _write_file(os.path.join(dest, "recovery.signal"), "", owner)
 
 
+def _base_tar(manifest: Manifest) -> TarEntry:
+    """The PGDATA tar, after checking the manifest describes a directory that can start a server."""
+    base = next((t for t in manifest.tars if t.tablespace_oid is None and t.name.startswith(BASE_TAR + ".")), None)
+    if base is None:
+        raise IntegrityError(f"backup {manifest.id} has no PGDATA tar stream", key=manifest.id)
+    if not any(f.path == PG_CONTROL for f in base.files):
+        raise IntegrityError(
+            f"backup {manifest.id} lists no {PG_CONTROL} in its PGDATA tar {base.name}: a server cannot start from it",
+            key=manifest.id,
+            hint="the backup is damaged or was cut short; nothing was written. Restore another backup",
+        )
+    return base
+
+
+def _finish(dest: str, targets: Mapping[int, str], settings: Mapping[str, str], backup_id: str,
+            owner: tuple[int, int] | None) -> None:  # fmt: skip
+    """Point the tablespaces, write the recovery settings and recovery.signal, and only then pg_control:
+    the file that makes DEST startable comes last, after everything else is in place."""
+    held_back = os.path.join(dest, PG_CONTROL_TMP)
+    signal = os.path.join(dest, "recovery.signal")
+    try:
+        if not os.path.isfile(held_back) or os.path.islink(held_back):
+            raise IntegrityError(f"{dest}: the backup's {PG_CONTROL} was not extracted", key=PG_CONTROL)
+        _point_tablespaces(dest, targets, owner)
+        write_recovery_config(dest, settings, backup_id, owner)
+        os.rename(held_back, os.path.join(dest, PG_CONTROL))
+    except (CloudbkError, OSError) as exc:
+        if os.path.lexists(signal) and not os.path.lexists(os.path.join(dest, PG_CONTROL)):
+            os.unlink(signal)  # an unstartable DEST must not look like a configured restore
+        hint = f"{dest} is incomplete and cannot start (it has no {PG_CONTROL}); empty it before retrying"
+        if isinstance(exc, CloudbkError):
+            exc.hint = f"{exc.hint}. {hint}" if exc.hint else hint
+            raise
+        path = getattr(exc, "filename", None)
+        raise OperationFailed(f"restore into {dest} failed at {path}: {exc.strerror}", key=path, hint=hint) from exc
+
+
+def _make_dirs(dest: str, paths: list[str], owner: tuple[int, int] | None) -> None:
+    for path in [dest, *paths]:
+        try:
+            _make_dir(path, owner)
+        except OSError as exc:
+            raise OperationFailed(
+                f"cannot create directory {path}: {exc.strerror}",
+                key=path,
+                hint="run restore as the OS user that will run the server, with a destination it may create",
+            ) from exc
+
+
 def restore(
     storage: Storage,
     server: str,
@@ -316,19 +393,17 @@ def restore(
             hint="nothing was written. Choose another target or backup, or pass --force to restore anyway "
             "(recovery will stop at the first missing segment)",
         )
-    if not any(t.tablespace_oid is None and t.name.startswith(BASE_TAR + ".") for t in manifest.tars):
-        raise IntegrityError(f"backup {manifest.id} has no PGDATA tar stream", key=manifest.id)
+    base = _base_tar(manifest)
     dest = os.path.abspath(options.dest)
     targets = tablespace_targets(manifest, options.tablespace_mapping)
     check_destinations(dest, targets)
+    links = requested_links(base, dest, options.link_all, options.link_map)
     # run as root (e.g. from a script) into a directory the server's user made: files go to that user
     owner = None
     if os.geteuid() == 0 and os.path.isdir(dest):
         st = os.stat(dest)
         owner = (st.st_uid, st.st_gid) if st.st_uid != 0 else None
-    _make_dir(dest, owner)
-    for path in targets.values():
-        _make_dir(path, owner)
+    _make_dirs(dest, list(targets.values()), owner)
 
     start = time.monotonic()
     progress.start(f"restore {manifest.id}", manifest.data_size)
@@ -336,12 +411,14 @@ def restore(
     try:
         with cf.ThreadPoolExecutor(max_workers=max(1, min(options.parallel, len(manifest.tars)))) as pool:
             futures = [
-                pool.submit(_extract_tar, storage, server, manifest, t, roots[t.name], progress, owner)
+                pool.submit(_extract_tar, storage, server, manifest, t, roots[t.name], progress, owner, options, links)
                 for t in manifest.tars
             ]
             written = sum(f.result() for f in futures)
     except (CloudbkError, OSError) as exc:
         hint = f"{dest} is incomplete and cannot start (its pg_control was held back); empty it before retrying"
+        if links:
+            hint += f" and the link targets {', '.join(sorted(links.values()))}"
         if isinstance(exc, CloudbkError):
             exc.hint = f"{exc.hint}. {hint}" if exc.hint else hint
             raise
@@ -350,10 +427,8 @@ def restore(
         ) from exc
     progress.finish()
 
-    _point_tablespaces(dest, targets, owner)
     settings = recovery_settings(options)
-    write_recovery_config(dest, settings, manifest.id, owner)
-    os.rename(os.path.join(dest, PG_CONTROL_TMP), os.path.join(dest, PG_CONTROL))
+    _finish(dest, targets, settings, manifest.id, owner)
     return RestoreResult(
         dest=dest,
         files=manifest.file_count,
@@ -361,4 +436,5 @@ def restore(
         seconds=time.monotonic() - start,
         settings=settings,
         tablespaces=targets,
+        links=links,
     )

@@ -49,18 +49,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tablespace-mapping", action="append", default=[], metavar="OLD=NEW",
         help="restore the tablespace at directory OLD into NEW (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--link-all", action="store_true",
+        help="recreate every symbolic link the backup recorded, its content at the link's target (default: "
+        "links come back as plain directories and files inside DEST)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--link-map", action="append", default=[], metavar="NAME=PATH",
+        help="recreate the link NAME (relative to DEST, e.g. pg_wal or log) pointing at PATH (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="restore even if the plan lacks WAL segments")
     parser.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
     )
 
 
-def _mapping(values: list[str]) -> dict[str, str]:
+def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = "OLD=NEW") -> dict[str, str]:
     mapping: dict[str, str] = {}
     for value in values:
         old, sep, new = value.partition("=")
         if not sep or not old or not new:
-            raise UsageError(f"--tablespace-mapping {value!r} is not OLD=NEW")
+            raise UsageError(f"{flag} {value!r} is not {form}")
         mapping[old] = new
     return mapping
 
@@ -107,6 +116,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         target_action=args.target_action,
         target_timeline=timeline,
         tablespace_mapping=_mapping(args.tablespace_mapping),
+        link_all=args.link_all,
+        link_map=_mapping(args.link_map, "--link-map", "NAME=PATH"),
         force=args.force,
         parallel=max(1, args.parallel),
     )
@@ -129,6 +140,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
           f"verified in {human_duration(result.seconds)}")  # fmt: skip
     for oid, path in sorted(result.tablespaces.items()):
         print(f"  tablespace {oid} -> {path}")
+    for name, path in sorted(result.links.items()):
+        print(f"  link {name} -> {path}")
     print("recovery settings appended to postgresql.auto.conf (and recovery.signal created):")
     for name, value in result.settings.items():
         print(f"  {name} = '{value}'")

@@ -12,7 +12,8 @@ import pytest
 
 from cloudbk.errors import IntegrityError
 from cloudbk.manifest import FileEntry
-from cloudbk.tarstream import PipeSink, SafeExtractor, TarWriter, UnsafeMember, check_member
+from cloudbk.tarextract import SafeExtractor
+from cloudbk.tarstream import PipeSink, TarWriter, UnsafeMember, check_member
 
 
 class Buffer(io.BytesIO):

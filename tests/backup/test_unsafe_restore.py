@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +35,11 @@ def _member(
     return info, data
 
 
-def _plant_backup(backend: Backend, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
-    """A backup with a hand-made tar, a manifest listing its files, and an index that says the WAL is there."""
+def _plant_backup(backend: Backend, members: list[tuple[tarfile.TarInfo, bytes]], pg_control: bool = True) -> None:
+    """A backup with a hand-made tar (ending with a pg_control unless told not to), a manifest listing its
+    files, and an index that says the WAL is there."""
+    if pg_control:
+        members = [*members, _member("global/pg_control", bytes(8192))]
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tf:
         for info, data in members:
@@ -82,8 +86,21 @@ CASES = {
         _member("evil", kind=tarfile.SYMTYPE, link="../outside"),
         _member("evil/escaped", b"pwned"),
     ],
+    # each link passes a check of its own text; together they lead out of DEST (issue 8, item 1)
+    "link-chain": [
+        _member("PG_VERSION", b"15\n"),
+        _member("d", kind=tarfile.DIRTYPE),
+        _member("d/up", kind=tarfile.SYMTYPE, link=".."),
+        _member("d/up2", kind=tarfile.SYMTYPE, link="up/.."),
+        _member("pg_wal", kind=tarfile.SYMTYPE, link="d/up2/outside"),
+    ],
 }
-REASONS = {"dotdot": "contains '..'", "absolute": "has an absolute path", "symlink-outside": "pointing outside"}
+REASONS = {
+    "dotdot": "contains '..'",
+    "absolute": "has an absolute path",
+    "symlink-outside": "pointing outside",
+    "link-chain": "symbolic link 'd/up2' -> 'up/..' goes above the destination",
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -102,3 +119,38 @@ def test_escaping_members_are_refused(file_backend: Backend, case: str) -> None:
     assert not Path("/tmp/cloudbk-escaped-abs").exists()
     assert not (root.parent / "escaped").exists()
     assert not (dest / "global" / "pg_control").exists() and not (dest / "recovery.signal").exists()
+    assert not (dest / "pg_wal").is_symlink()
+
+
+def _refused(proc: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["postgresql.auto.conf", "recovery.signal"])
+def test_a_link_where_restore_writes_its_own_files_is_refused(file_backend: Backend, name: str) -> None:
+    members = [_member("PG_VERSION", b"15\n"), _member(name, kind=tarfile.SYMTYPE, link="PG_VERSION")]
+    _plant_backup(file_backend, members)
+    dest = scratch_dir("evil") / "dest"
+    proc = restore(file_backend, dest, "--backup", BACKUP_ID, check=False)
+    _refused(proc, ExitCode.OTHER, f"{name!r} is not a regular file", "restore writes this file itself", "HINT")
+    assert not (dest / "global" / "pg_control").exists() and not (dest / "recovery.signal").exists()
+
+
+def test_a_manifest_without_pg_control_is_refused_before_writing(file_backend: Backend) -> None:
+    _plant_backup(file_backend, [_member("PG_VERSION", b"15\n")], pg_control=False)
+    dest = scratch_dir("damaged") / "dest"
+    proc = restore(file_backend, dest, "--backup", BACKUP_ID, check=False)
+    _refused(proc, ExitCode.OTHER, f"backup {BACKUP_ID} lists no global/pg_control", "nothing was written")
+    assert not dest.exists()
+
+
+def test_a_destination_whose_parent_is_not_writable_is_refused(file_backend: Backend) -> None:
+    _plant_backup(file_backend, [_member("PG_VERSION", b"15\n")])
+    parent = scratch_dir("readonly")
+    parent.chmod(0o555)
+    proc = restore(file_backend, parent / "dest", "--backup", BACKUP_ID, check=False)
+    _refused(proc, ExitCode.USAGE, f"{parent / 'dest'} cannot be created: {parent} is not writable", "HINT")
+    assert list(parent.iterdir()) == []
