@@ -30,7 +30,7 @@ from cloudbk.compression import CompressingWriter
 from cloudbk.envelope import Header
 from cloudbk.errors import AlreadyExists, CloudbkError, ConflictError, OperationFailed, UsageError
 from cloudbk.index import Index, load_index, update_index
-from cloudbk.manifest import BASE_TAR, Manifest, Tablespace, TarEntry, format_time
+from cloudbk.manifest import BASE_TAR, LinkEntry, Manifest, Tablespace, TarEntry, format_time
 from cloudbk.pgconn import BackupStop, parse_backup_label, pg_control_system_identifier
 from cloudbk.pgdata import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, scan_data_directory, scan_tablespace
 from cloudbk.progress import NoProgress, Progress
@@ -119,14 +119,16 @@ class _TarUpload:
         self.pipe = PipeSink(self.compressor)
         self.tar = TarWriter(self.pipe, on_bytes)
         self.files: list[tuple[str, int, str]] = []
+        self.links: list[LinkEntry] = []
         self.shrunk = 0
 
     def add(self, entry: Entry) -> None:
+        if entry.target:  # a symbolic link, followed: recorded in the manifest, its content stored in its place
+            kind = {"d": LinkEntry.DIR, "f": LinkEntry.FILE}.get(entry.kind, LinkEntry.DANGLING)
+            self.links.append(LinkEntry(entry.rel, entry.target, kind))
         if entry.kind == "d":
             self.tar.add_dir(entry.rel, entry.mode, entry.mtime)
-        elif entry.kind == "l":
-            self.tar.add_symlink(entry.rel, entry.target, entry.mode, entry.mtime)
-        else:
+        elif entry.kind == "f":
             self.add_file(entry.rel, entry.path)
 
     def add_file(self, rel: str, path: str) -> None:
@@ -169,6 +171,7 @@ class _TarUpload:
             sha256=self.compressor.sha256,
             stored_size=info.size,
             files=[FileEntry(p, s, h) for p, s, h in self.files],
+            links=self.links,
         )
 
     def abort(self) -> None:

@@ -114,7 +114,7 @@ def requested_links(tar: TarEntry, dest: str, link_all: bool, link_map: Mapping[
         if not os.path.isabs(path):
             raise UsageError(f"--link-map {name}={path}: the link's target must be an absolute path")
         wanted[rel] = os.path.normpath(path)
-    for rel, path in wanted.items():
+    for rel, path in sorted(wanted.items()):
         if rel in RESERVED or rel.startswith(("pg_tblspc/", "../")) or rel in ("", ".", ".."):
             raise UsageError(f"--link-map/--link-all: {rel!r} cannot be restored as a link")
         real_dest = os.path.realpath(dest)

@@ -16,6 +16,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cloudbk.errors import UsageError
+
 log = logging.getLogger("cloudbk.pgdata")
 
 PG_CONTROL = "global/pg_control"
@@ -45,7 +47,9 @@ _RELFILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
 
 @dataclass(frozen=True)
 class Entry:
-    """One thing to put in the tar: ``kind`` is 'd' (directory), 'f' (file) or 'l' (symbolic link)."""
+    """One thing to put in the tar: ``kind`` is 'd' (directory), 'f' (file) or 'l' (a dangling symbolic link,
+    recorded but not in the tar). ``target`` is set when the entry was reached through a symbolic link of
+    that name (followed: a 'd' or 'f' entry then holds what the link points at)."""
 
     rel: str  # path relative to the stream's root
     path: str  # absolute path on disk
@@ -79,8 +83,37 @@ def _skip_file(name: str, rel_dir: str, unlogged: set[str]) -> bool:
     return False
 
 
-def _walk(root: str, rel_dir: str, is_base: bool) -> Iterator[Entry]:
+class LinkLoop(UsageError):
+    """A symbolic link leads back into a directory the walk is inside of: following it would never end."""
+
+    def __init__(self, path: str, target: str) -> None:
+        super().__init__(
+            f"symbolic link {path} -> {target} leads back into a directory that contains it",
+            key=path,
+            hint="a backup follows symbolic links in the data directory; remove this one or point it elsewhere",
+        )
+
+
+def _link_entry(d: os.DirEntry[str], rel: str) -> Entry | None:
+    """A symbolic link, followed: a directory or file entry carrying the link's target, a dangling link
+    (kind 'l'), or None for a link to something a backup never holds."""
+    target = os.readlink(d.path)
+    try:
+        st = os.stat(d.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return Entry(rel, d.path, "l", target=target)
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(rel, d.path, "d", mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime, target=target)
+    if stat.S_ISREG(st.st_mode):
+        return Entry(rel, d.path, "f", size=st.st_size, mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime,
+                     target=target)  # fmt: skip
+    log.warning("skipping %s: a symbolic link to something neither a regular file nor a directory", d.path)
+    return None
+
+
+def _walk(root: str, rel_dir: str, is_base: bool, inside: frozenset[str] = frozenset()) -> Iterator[Entry]:
     directory = os.path.join(root, rel_dir) if rel_dir else root
+    inside = inside | {os.path.realpath(directory)}  # the real directories this walk is in: a link into one loops
     try:
         with os.scandir(directory) as it:
             dirents = sorted(it, key=lambda d: d.name)
@@ -94,24 +127,30 @@ def _walk(root: str, rel_dir: str, is_base: bool) -> Iterator[Entry]:
             st = d.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
+        entry: Entry | None = None
         if stat.S_ISLNK(st.st_mode):
             if is_base and rel_dir == "pg_tblspc":
                 continue  # tablespace links are recreated from tablespace_map at restore
-            if is_base and rel == "pg_wal":  # initdb -X: the WAL directory lives elsewhere; copy it as a directory
-                yield Entry(rel, d.path, "d", mode=0o700, mtime=st.st_mtime)
-                yield Entry("pg_wal/archive_status", os.path.join(d.path, "archive_status"), "d", mode=0o700)
+            # any other link is followed: its content is backed up as if it were here (docs/backup.md)
+            entry = _link_entry(d, rel)
+            if entry is None:
                 continue
-            yield Entry(rel, d.path, "l", mode=0o777, mtime=st.st_mtime, target=os.readlink(d.path))
-            continue
-        if stat.S_ISDIR(st.st_mode):
+            if entry.kind == "d" and os.path.realpath(d.path) in inside:
+                raise LinkLoop(d.path, entry.target)
+            if entry.kind != "d":
+                if entry.kind == "f" and _skip_file(d.name, rel_dir, unlogged):
+                    continue
+                yield entry
+                continue
+        if entry is not None or stat.S_ISDIR(st.st_mode):
             if d.name.startswith("pgsql_tmp"):
                 continue
-            yield Entry(rel, d.path, "d", mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime)
+            yield entry or Entry(rel, d.path, "d", mode=stat.S_IMODE(st.st_mode), mtime=st.st_mtime)
             if is_base and rel in EMPTY_DIRS:
                 if rel == "pg_wal":
                     yield Entry("pg_wal/archive_status", os.path.join(d.path, "archive_status"), "d", mode=0o700)
                 continue
-            yield from _walk(root, rel, is_base)
+            yield from _walk(root, rel, is_base, inside)
             continue
         if not stat.S_ISREG(st.st_mode):
             log.warning("skipping %s: not a regular file, directory or symbolic link", d.path)

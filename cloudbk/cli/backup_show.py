@@ -56,6 +56,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
          "stored_size": t.stored_size, "files": len(t.files)}
         for t in manifest.tars
     ]  # fmt: skip
+    doc["links"] = [{"tar": t.name, "path": lk.path, "target": lk.target, "type": lk.type}
+                    for t in manifest.tars for lk in t.links or []]  # fmt: skip
     doc.update(label=manifest.label, pgdata=manifest.pgdata, hostname=manifest.hostname, tool=manifest.tool)
     if args.files:
         doc["files"] = [{"tar": t.name, "path": f.path, "size": f.size, "sha256": f.sha256} for t in manifest.tars
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     ]
     for ts in manifest.tablespaces:
         lines.append(("tablespace", f"{ts.name} (oid {ts.oid}) at {ts.location}"))
+    for lk in doc["links"]:  # restored as plain directories and files unless --link-all / --link-map
+        lines.append(("link", f"{lk['path']} -> {lk['target']} ({lk['type']})"))
     for t in manifest.tars:
         lines.append(
             ("object", f"{t.name}: {len(t.files)} files, {human_size(t.size)} tar, {human_size(t.stored_size)} stored")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cloudbk import layout
 from cloudbk.basebackup import _Counter, _TarUpload, wait_for_wal
 from cloudbk.compression import DecompressingReader
 from cloudbk.envelope import read_header
-from cloudbk.errors import OperationFailed
+from cloudbk.errors import OperationFailed, UsageError
 from cloudbk.index import Index, update_index
 from cloudbk.pgdata import scan_data_directory, scan_tablespace
 from cloudbk.progress import NoProgress
@@ -56,6 +57,39 @@ def test_pgdata_scan_leaves_out_what_postgresql_says_to(tmp_path: Path) -> None:
         assert entries[directory] == "d"
     assert "pg_tblspc/16385" not in entries  # recreated from tablespace_map
     assert "base/pgsql_tmp" not in entries
+
+
+def test_pgdata_scan_follows_links_and_records_them(tmp_path: Path) -> None:
+    root = _fake_pgdata(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    _touch(elsewhere, "log/server.log")
+    _touch(elsewhere, "wal/000000010000000000000002")
+    _touch(elsewhere, "stat/global.stat")
+    _touch(elsewhere, "conf/extra.conf")
+    os.symlink(elsewhere / "log", root / "log")
+    os.symlink(elsewhere / "stat", root / "stat_link")
+    os.symlink("../elsewhere/conf/extra.conf", root / "extra.conf")
+    os.symlink("/nonexistent/x", root / "dangling")
+    os.symlink("log/server.log", root / "current_logfiles.tmp")  # excluded, link or not
+    entries = {e.rel: (e.kind, e.target) for e in scan_data_directory(str(root))}
+    assert entries["log"] == ("d", str(elsewhere / "log")) and entries["log/server.log"] == ("f", "")
+    assert entries["extra.conf"] == ("f", "../elsewhere/conf/extra.conf")
+    assert entries["dangling"] == ("l", "/nonexistent/x")
+    assert "current_logfiles.tmp" not in entries
+    assert entries["stat_link"][0] == "d" and entries["stat_link/global.stat"][0] == "f"
+    # pg_wal's content is never copied, wherever it lives; a link to another disk is recorded, empty
+    shutil.rmtree(root / "pg_wal")
+    os.symlink(elsewhere / "wal", root / "pg_wal")
+    entries = {e.rel: (e.kind, e.target) for e in scan_data_directory(str(root))}
+    assert entries["pg_wal"] == ("d", str(elsewhere / "wal")) and entries["pg_wal/archive_status"][0] == "d"
+    assert not any(rel.startswith("pg_wal/0") for rel in entries)
+
+
+def test_pgdata_scan_refuses_a_link_loop(tmp_path: Path) -> None:
+    root = _fake_pgdata(tmp_path)
+    os.symlink("..", root / "base" / "up")
+    with pytest.raises(UsageError, match="leads back into a directory that contains it"):
+        scan_data_directory(str(root))
 
 
 def test_tablespace_scan_copies_this_major_version_only(tmp_path: Path) -> None:

@@ -1,4 +1,6 @@
-"""A cluster with an extra tablespace round-trips with --tablespace-mapping."""
+"""A cluster with an extra tablespace and links in PGDATA round-trips: the tablespace with
+--tablespace-mapping; `log` (a directory elsewhere), a configuration file elsewhere and a dangling link as
+the link policy says (docs/backup.md): plain directories and files in DEST unless --link-map asks for the link."""
 
 from __future__ import annotations
 
@@ -7,16 +9,23 @@ import os
 
 from backends import Backend
 from bkhelpers import Clusters, archive_all, backup_push, new_dest, repo_env, restore, scratch_dir, start_and_promote
-from pgcluster import cloudbk
+from pgcluster import cloudbk, run_as_pg
 
 from cloudbk.errors import ExitCode
 
 
-def test_tablespace_round_trip_with_mapping(file_backend: Backend, clusters: Clusters) -> None:
+def test_tablespace_and_links_round_trip(file_backend: Backend, clusters: Clusters) -> None:
     pg = clusters.archiving(file_backend)
     location = scratch_dir("tblspc")
     pg.sql(f"CREATE TABLESPACE extra LOCATION '{location}'")
     pg.sql("CREATE TABLE moved (n int) TABLESPACE extra; INSERT INTO moved SELECT generate_series(1, 20000)")
+    logs, etc = scratch_dir("pglog"), scratch_dir("etc")
+    script = (
+        f"cd '{pg.datadir}'; echo 'LOG: before' > '{logs}/server.log'; ln -s '{logs}' log; "
+        f"echo \"work_mem = '7MB'\" > '{etc}/extra.conf'; ln -s '{etc}/extra.conf' extra.conf; "
+        "ln -s /nonexistent/cloudbk dangling; echo \"include_if_exists = 'extra.conf'\" >> postgresql.conf"
+    )
+    run_as_pg(["sh", "-ec", script])
     backup_id = backup_push(pg, file_backend, "--compression", "lz4").stdout.strip().splitlines()[-1]
     pg.sql("INSERT INTO moved SELECT generate_series(20001, 20500)")
     archive_all(pg)
@@ -26,6 +35,10 @@ def test_tablespace_round_trip_with_mapping(file_backend: Backend, clusters: Clu
     assert sorted(t["name"] for t in shown["tars"]) == sorted(
         ["base.tar.lz4", f"{shown['tablespaces'][0]['oid']}.tar.lz4"]
     )
+    assert sorted((lk["path"], lk["target"], lk["type"]) for lk in shown["links"]) == [
+        ("dangling", "/nonexistent/cloudbk", "dangling"), ("extra.conf", f"{etc}/extra.conf", "file"),
+        ("log", str(logs), "dir"),
+    ]  # fmt: skip
 
     # the original tablespace directory is in use: restoring onto it is refused before anything is written
     dest = new_dest()
@@ -36,10 +49,27 @@ def test_tablespace_round_trip_with_mapping(file_backend: Backend, clusters: Clu
 
     mapped = scratch_dir("tblspc-new") / "ts"
     restore(file_backend, dest, "--tablespace-mapping", f"{location}={mapped}")
+    # the links come back as what they pointed at, inside DEST
+    assert not (dest / "log").is_symlink() and (dest / "log" / "server.log").read_text() == "LOG: before\n"
+    assert not (dest / "extra.conf").is_symlink() and "7MB" in (dest / "extra.conf").read_text()
+    assert not os.path.lexists(dest / "dangling")
     restored = clusters.restored(dest, file_backend, archive=False)
     start_and_promote(restored)
     assert restored.sql("SELECT count(*), max(n) FROM moved") == "20500|20500"
     assert restored.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'extra'") == str(mapped)
+    assert restored.sql("SHOW work_mem") == "7MB"
     oid = restored.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'")
     assert os.readlink(dest / "pg_tblspc" / oid) == str(mapped)
     assert any(p.name.startswith("PG_15_") for p in mapped.iterdir())
+
+    # asked for, a link is made, its content at its target; a target in use is refused before writing
+    dest2, mapped2 = new_dest(), scratch_dir("tblspc-2") / "ts"
+    proc = restore(file_backend, dest2, "--tablespace-mapping", f"{location}={mapped2}", "--link-all", check=False)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert f"link extra.conf -> {etc}/extra.conf: {etc}/extra.conf exists" in proc.stderr
+    assert "--link-map extra.conf=PATH" in proc.stderr
+    assert not dest2.exists()
+    new_logs = scratch_dir("pglog-new") / "log"
+    restore(file_backend, dest2, "--tablespace-mapping", f"{location}={mapped2}", "--link-map", f"log={new_logs}")
+    assert os.readlink(dest2 / "log") == str(new_logs) and (new_logs / "server.log").read_text() == "LOG: before\n"
+    assert not (dest2 / "extra.conf").is_symlink()
