@@ -3,13 +3,14 @@
 1. ``prepare``: the index -> the backup and the WAL plan (:mod:`cloudbk.pitr`); segments and history files
    the index does not list are looked up with a ``stat`` of their exact keys (the index may lag behind an
    object) before they count as missing; the manifest is read.
-2. ``restore``: refuses a non-empty destination (and non-empty tablespace directories), then extracts each
-   tar stream (in parallel threads) through :class:`cloudbk.tarstream.SafeExtractor`, checking every file
-   against the manifest and each stream against its SHA-256. ``global/pg_control`` is written under a
-   temporary name and renamed into place only when everything has been verified, so a failed restore leaves
-   a directory PostgreSQL refuses to start.
+2. ``restore``: refuses a manifest without ``global/pg_control``, a non-empty or unwritable destination (and
+   tablespace directories, and link targets asked for: :mod:`cloudbk.links`), then extracts each tar stream
+   (in parallel threads) through :class:`cloudbk.tarextract.SafeExtractor`, checking every file against the
+   manifest and each stream against its SHA-256.
 3. The tablespaces are pointed at their (mapped) directories through ``tablespace_map`` and ``pg_tblspc``;
-   ``recovery.signal`` and the recovery settings in ``postgresql.auto.conf`` make ``pg_ctl start`` recover.
+   the recovery settings in ``postgresql.auto.conf`` and ``recovery.signal`` make ``pg_ctl start`` recover.
+   ``global/pg_control``, extracted under a temporary name, is renamed into place last, so a restore that
+   fails anywhere leaves a directory PostgreSQL refuses to start.
 """
 
 from __future__ import annotations
