@@ -115,7 +115,8 @@ def requested_links(tar: TarEntry, dest: str, link_all: bool, link_map: Mapping[
             raise UsageError(f"--link-map {name}={path}: the link's target must be an absolute path")
         wanted[rel] = os.path.normpath(path)
     for rel, path in sorted(wanted.items()):
-        if rel in RESERVED or rel.startswith(("pg_tblspc/", "../")) or rel in ("", ".", ".."):
+        holds_reserved = any(r == rel or r.startswith(rel + "/") for r in RESERVED)
+        if holds_reserved or rel.startswith(("pg_tblspc/", "../")) or rel in ("", ".", ".."):
             raise UsageError(f"--link-map/--link-all: {rel!r} cannot be restored as a link")
         real_dest = os.path.realpath(dest)
         real = os.path.realpath(path)

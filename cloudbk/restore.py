@@ -289,7 +289,7 @@ def _point_tablespaces(dest: str, targets: Mapping[int, str], owner: tuple[int, 
 def _write_file(path: str, text: str, owner: tuple[int, int] | None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, text.encode("utf-8", "surrogateescape"))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -318,7 +318,7 @@ def write_recovery_config(
     auto = os.path.join(dest, "postgresql.auto.conf")
     lines: list[str] = []
     if os.path.exists(auto):
-        with open(auto, encoding="utf-8") as f:
+        with open(auto, encoding="utf-8", errors="surrogateescape") as f:  # kept byte for byte
             for line in f.read().splitlines():
                 name = line.split("=", 1)[0].strip().lower()
                 lines.append(f"# disabled by cloudbk restore: {line}" if name in RECOVERY_SETTINGS else line)

@@ -4,14 +4,16 @@ links, links where restore writes its own files, and links asked for (--link-map
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from cloudbk.errors import IntegrityError
-from cloudbk.links import RESERVED, LinkEscapes, check_links
+from cloudbk.errors import IntegrityError, UsageError
+from cloudbk.links import RESERVED, LinkEscapes, check_links, requested_links
+from cloudbk.manifest import LinkEntry, Manifest, TarEntry
 from cloudbk.tarextract import SafeExtractor
 from cloudbk.tarstream import UnsafeMember
 
@@ -152,3 +154,39 @@ def test_without_a_request_an_older_backups_absolute_link_is_refused_with_the_wa
         SafeExtractor(str(dest)).extract(io.BytesIO(data))
     SafeExtractor(str(dest), trust_symlinks=True).extract(io.BytesIO(data))  # --link-all on such a backup
     assert os.readlink(dest / "log") == "/var/log/postgresql"
+
+
+def test_link_requests_are_checked_before_anything_is_written(tmp_path: Path) -> None:
+    dest = str(tmp_path / "dest")
+    tar = TarEntry("base.tar.zst", None, 0, "", 0, links=[LinkEntry("pg_wal", "/disk2/wal", LinkEntry.DIR)])
+    assert requested_links(tar, dest, True, {}) == {"pg_wal": "/disk2/wal"}
+    assert requested_links(tar, dest, False, {"pg_wal/": "/x/wal"}) == {"pg_wal": "/x/wal"}
+    for mapping, reason in [
+        ({"log": "/x"}, "recorded no link 'log'"),
+        ({"pg_wal": "relative"}, "must be an absolute path"),
+        ({"pg_wal": f"{dest}/inner"}, "points inside the destination"),
+    ]:
+        with pytest.raises(UsageError, match=reason):
+            requested_links(tar, dest, False, mapping)
+    older = TarEntry("base.tar.zst", None, 0, "", 0)  # before links were recorded: any name may be asked for
+    assert requested_links(older, dest, True, {"log": "/x/log"}) == {"log": "/x/log"}
+    for name in ("global", "recovery.signal", "pg_tblspc/16385"):
+        with pytest.raises(UsageError, match="cannot be restored as a link"):
+            requested_links(older, dest, False, {name: "/x/y"})
+
+
+def test_manifest_records_links_and_reads_older_manifests_without_them() -> None:
+    link = LinkEntry("log", "/var/log/postgresql", LinkEntry.DIR)
+    m = Manifest(
+        id="20261121T090000Z", server="main", system_identifier="1", pg_version=150004, timeline=1, begin_lsn=0,
+        end_lsn=1, begin_wal="0" * 24, end_wal="0" * 24, begin_time="t", end_time="t", wal_segment_size=1 << 24,
+        compression="zstd", tars=[TarEntry("base.tar.zst", None, 0, "", 0, links=[link])],
+    )  # fmt: skip
+    doc = json.loads(m.to_json())
+    assert doc["tars"][0]["links"] == [{"path": "log", "target": "/var/log/postgresql", "type": "dir"}]
+    assert Manifest.from_json(m.to_json(), "k").tars[0].links == [link]
+    del doc["tars"][0]["links"]
+    assert Manifest.from_dict(doc, "k").tars[0].links is None
+    doc["tars"][0]["links"] = [{"path": "log", "target": "x", "type": "fifo"}]
+    with pytest.raises(IntegrityError, match="unknown type"):
+        Manifest.from_dict(doc, "k")
