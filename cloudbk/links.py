@@ -27,17 +27,18 @@ from cloudbk.manifest import LinkEntry, TarEntry
 
 MAX_HOPS = 40  # as the kernel's ELOOP limit: a chain longer than this is a loop
 
-# What restore writes itself, after extracting: a tar must hold these as regular files, or not at all.
-RESERVED = frozenset(
-    {
-        "global/pg_control",
-        "postgresql.auto.conf",
-        "recovery.signal",
-        "standby.signal",
-        "backup_label",
-        "tablespace_map",
-    }
-)
+# What restore writes into itself, after extracting: a tar may hold these only as regular files ("file"), or
+# directories ("dir"), or not at all.
+RESERVED: dict[str, str] = {
+    "global/pg_control": "file",
+    "postgresql.auto.conf": "file",
+    "recovery.signal": "file",
+    "standby.signal": "file",
+    "backup_label": "file",
+    "tablespace_map": "file",
+    "global": "dir",
+    "pg_tblspc": "dir",
+}
 
 
 class LinkEscapes(Exception):

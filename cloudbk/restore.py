@@ -230,7 +230,7 @@ def _extract_tar(
                 links=links if base else {},
                 symlinks=tar.links is None,  # only backups from before links were recorded hold link members
                 trust_symlinks=options.link_all and tar.links is None,
-                reserved=RESERVED if base else frozenset(),
+                reserved=RESERVED if base else {},
             )  # fmt: skip
             result, _, _ = extractor.extract(stream)  # the decompressor hashes the whole stream already
             sha256, size = stream.sha256, stream.size

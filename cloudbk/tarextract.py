@@ -147,9 +147,9 @@ class SafeExtractor:
     the links asked for (relative path -> absolute target): what the tar holds at or below such a path is
     written below the target, and the link is created last. ``symlinks`` says whether symbolic link members
     may appear at all (backups that record their links hold none); ``trust_symlinks`` creates them as they
-    are, wherever they point (``--link-all`` on such an older backup). ``reserved`` paths must be regular
-    files if the tar holds them. Files are written and hashed by a second thread while this one decompresses
-    and parses.
+    are, wherever they point (``--link-all`` on such an older backup). ``reserved`` paths must be of the
+    kind given ("file" or "dir") if the tar holds them. Files are written and hashed by a second thread
+    while this one decompresses and parses.
     """
 
     def __init__(
@@ -164,7 +164,7 @@ class SafeExtractor:
         links: Mapping[str, str] | None = None,
         symlinks: bool = True,
         trust_symlinks: bool = False,
-        reserved: frozenset[str] = frozenset(),
+        reserved: Mapping[str, str] | None = None,
     ) -> None:
         self.dest = os.path.realpath(dest)
         self.owner = owner
@@ -176,7 +176,7 @@ class SafeExtractor:
         self.links = dict(links or {})
         self.symlinks = symlinks
         self.trust_symlinks = trust_symlinks
-        self.reserved = reserved
+        self.reserved = dict(reserved or {})
         self._written: dict[str, FileEntry] = {}
         self._names: set[str] = set()  # every member name so far: a second member of the same name is refused
         self._files: set[str] = set()  # regular files extracted: the only things a hard link may name
@@ -268,10 +268,14 @@ class SafeExtractor:
             if above in self._pending:
                 how = "replaces" if i == len(parts) else "would be written through"
                 raise UnsafeMember(f"{self.what}: member {rel!r} {how} a symbolic link ({above!r})")
-            if above in self.reserved and (i < len(parts) or not member.isreg()):
+            kind = self.reserved.get(above)
+            if kind is None or (i < len(parts) and kind == "dir"):
+                continue
+            if i < len(parts) or not (member.isreg() if kind == "file" else member.isdir()):
+                needed = "a regular file" if kind == "file" else "a directory"
                 raise UnsafeMember(
-                    f"{self.what}: {above!r} is not a regular file in the tar (a {_kind(member)} member "
-                    f"{rel!r}); restore writes this file itself",
+                    f"{self.what}: {above!r} is not {needed} in the tar (a {_kind(member)} member {rel!r}); restore "
+                    f"writes {'this file' if kind == 'file' else 'into this directory'} itself",
                     hint="this tar was not written by cloudbk backup-push, or is damaged; restore another backup",
                 )
         self._names.add(rel)
@@ -332,8 +336,9 @@ class SafeExtractor:
                 raise UnsafeMember(
                     f"{self.what}: {exc.reason}", hint="nothing was written outside the destination"
                 ) from None
-        for rel, target in [*self._pending.items(), *self.links.items()]:
-            path = os.path.join(self.dest, rel)
+        made = [(rel, self._root(rel)[1], target) for rel, target in self._pending.items()]  # maybe below a link
+        made += [(rel, os.path.join(self.dest, rel), target) for rel, target in self.links.items()]  # asked for
+        for rel, path, target in made:
             self._ensure_parent(path)
             if os.path.realpath(os.path.dirname(path)) != os.path.dirname(path):
                 raise UnsafeMember(f"{self.what}: link {rel!r} would be created through a symbolic link")

@@ -84,7 +84,9 @@ REFUSED: dict[str, tuple[list[Member], str]] = {
         [_link("recovery.signal", "PG_VERSION", tarfile.LNKTYPE)],
         "restore writes",
     ),
-    "pg-control-below-a-file": ([_file("global"), _file("global/pg_control")], "needs a directory"),
+    "pg-control-below-a-file": ([_file("global"), _file("global/pg_control")], "'global' is not a directory"),
+    "pg-tblspc-is-a-link": ([_dir("base"), _link("pg_tblspc", "base")], "'pg_tblspc' is not a directory"),
+    "a-file-below-a-file": ([_file("f"), _file("f/g")], "needs a directory"),
 }
 
 
