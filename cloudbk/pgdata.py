@@ -111,6 +111,11 @@ def _link_entry(d: os.DirEntry[str], rel: str) -> Entry | None:
     return None
 
 
+def _contains_any(directory: str, paths: frozenset[str]) -> bool:
+    prefix = directory.rstrip("/") + "/"
+    return any(p == directory or p.startswith(prefix) for p in paths)
+
+
 def _walk(root: str, rel_dir: str, is_base: bool, inside: frozenset[str] = frozenset()) -> Iterator[Entry]:
     directory = os.path.join(root, rel_dir) if rel_dir else root
     inside = inside | {os.path.realpath(directory)}  # the real directories this walk is in: a link into one loops
@@ -135,7 +140,7 @@ def _walk(root: str, rel_dir: str, is_base: bool, inside: frozenset[str] = froze
             entry = _link_entry(d, rel)
             if entry is None:
                 continue
-            if entry.kind == "d" and os.path.realpath(d.path) in inside:
+            if entry.kind == "d" and _contains_any(os.path.realpath(d.path), inside):
                 raise LinkLoop(d.path, entry.target)
             if entry.kind != "d":
                 if entry.kind == "f" and _skip_file(d.name, rel_dir, unlogged):

@@ -90,6 +90,10 @@ def test_pgdata_scan_refuses_a_link_loop(tmp_path: Path) -> None:
     os.symlink("..", root / "base" / "up")
     with pytest.raises(UsageError, match="leads back into a directory that contains it"):
         scan_data_directory(str(root))
+    os.unlink(root / "base" / "up")
+    os.symlink("/", root / "everything")  # found at once, not after walking the whole file system
+    with pytest.raises(UsageError, match="everything -> /"):
+        scan_data_directory(str(root))
 
 
 def test_tablespace_scan_copies_this_major_version_only(tmp_path: Path) -> None:
