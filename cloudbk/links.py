@@ -18,12 +18,15 @@ links a restore creates.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from collections.abc import Mapping
 
 from cloudbk.errors import UsageError
 from cloudbk.manifest import LinkEntry, TarEntry
+
+log = logging.getLogger("cloudbk.restore")
 
 MAX_HOPS = 40  # as the kernel's ELOOP limit: a chain longer than this is a loop
 
@@ -96,14 +99,25 @@ def check_links(links: Mapping[str, str], outward: frozenset[str] = frozenset())
     return resolved
 
 
+def _mappable(rel: str) -> bool:
+    """Whether ``rel`` may be restored as a link: not one of restore's own paths, nor above one, nor a
+    tablespace link (those come from tablespace_map)."""
+    if rel in ("", ".", "..") or rel.startswith(("pg_tblspc/", "../")):
+        return False
+    return not any(r == rel or r.startswith(rel + "/") for r in RESERVED)
+
+
 def requested_links(tar: TarEntry, dest: str, link_all: bool, link_map: Mapping[str, str]) -> dict[str, str]:
     """The links restore creates in the PGDATA tar ``tar``: relative path -> the absolute path the link
     points at (where the content goes). ``--link-map`` names must be links the backup recorded (or, for a
     backup from before links were recorded, anything the tar may hold)."""
     recorded: dict[str, LinkEntry] = {link.path: link for link in tar.links or []}
     wanted: dict[str, str] = {}
-    if link_all:
+    if link_all:  # restore's own files and directories stay in DEST, plain: --link-all means "where it can"
         for link in recorded.values():
+            if not _mappable(link.path):
+                log.info("--link-all: %s is restored as a plain %s in DEST, never as a link", link.path, link.type)
+                continue
             wanted[link.path] = os.path.normpath(os.path.join(dest, os.path.dirname(link.path), link.target))
     for name, path in link_map.items():
         rel = posixpath.normpath(name.strip("/"))
@@ -116,9 +130,13 @@ def requested_links(tar: TarEntry, dest: str, link_all: bool, link_map: Mapping[
             raise UsageError(f"--link-map {name}={path}: the link's target must be an absolute path")
         wanted[rel] = os.path.normpath(path)
     for rel, path in sorted(wanted.items()):
-        holds_reserved = any(r == rel or r.startswith(rel + "/") for r in RESERVED)
-        if holds_reserved or rel.startswith(("pg_tblspc/", "../")) or rel in ("", ".", ".."):
-            raise UsageError(f"--link-map/--link-all: {rel!r} cannot be restored as a link")
+        if rel.startswith("pg_tblspc/"):
+            raise UsageError(f"--link-map {rel}: a tablespace cannot be mapped here", hint="use --tablespace-mapping")
+        if not _mappable(rel):
+            raise UsageError(
+                f"--link-map {rel}: restore writes {rel} (or files in it) itself, so it cannot be a link",
+                hint="leave it out: it is restored as a plain directory or file inside DEST",
+            )
         real_dest = os.path.realpath(dest)
         real = os.path.realpath(path)
         if real == real_dest or real.startswith(real_dest + os.sep):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import pwd
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -168,6 +169,13 @@ def tablespace_targets(manifest: Manifest, mapping: Mapping[str, str]) -> dict[i
     return {ts.oid: normalized.get(loc, loc) for loc, ts in locations.items()}
 
 
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def _require_writable(path: str, what: str) -> None:
     """``path`` exists and is writable, or can be created: its nearest existing parent is writable."""
     existing = path
@@ -178,8 +186,8 @@ def _require_writable(path: str, what: str) -> None:
         raise UsageError(
             f"{what} {path} {made}is not writable by this user (uid {os.geteuid()})",
             key=path,
-            hint=f"run restore as the OS user that will run the server, after giving it {existing} "
-            f"(e.g. mkdir {path} && chown postgres: {path} as root), or choose another directory",
+            hint=f"run restore as the OS user that will run the server, with a destination it may write "
+            f"(e.g. as root: mkdir {path} && chown {_user_name()}: {path}), or choose another directory",
         )
 
 

@@ -172,9 +172,13 @@ def test_link_requests_are_checked_before_anything_is_written(tmp_path: Path) ->
             requested_links(tar, dest, False, mapping)
     older = TarEntry("base.tar.zst", None, 0, "", 0)  # before links were recorded: any name may be asked for
     assert requested_links(older, dest, True, {"log": "/x/log"}) == {"log": "/x/log"}
-    for name in ("global", "recovery.signal", "pg_tblspc/16385"):
-        with pytest.raises(UsageError, match="cannot be restored as a link"):
+    for name, reason in [("global", "itself"), ("recovery.signal", "itself"), ("pg_tblspc/16385", "tablespace")]:
+        with pytest.raises(UsageError, match=f"{name}.*{reason}"):
             requested_links(older, dest, False, {name: "/x/y"})
+    # --link-all leaves restore's own files plain (a postgresql.auto.conf linked to /etc, say)
+    auto = LinkEntry("postgresql.auto.conf", "/etc/pg/auto.conf", LinkEntry.FILE)
+    tar.links = [*(tar.links or []), auto]
+    assert requested_links(tar, dest, True, {}) == {"pg_wal": "/disk2/wal"}
 
 
 def test_manifest_records_links_and_reads_older_manifests_without_them() -> None:
