@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import pwd
@@ -326,7 +327,7 @@ def write_recovery_config(
     auto = os.path.join(dest, "postgresql.auto.conf")
     lines: list[str] = []
     if os.path.exists(auto):
-        with open(auto, encoding="utf-8", errors="surrogateescape") as f:  # kept byte for byte
+        with open(auto, encoding="utf-8", errors="surrogateescape") as f:  # any bytes survive
             for line in f.read().splitlines():
                 name = line.split("=", 1)[0].strip().lower()
                 lines.append(f"# disabled by cloudbk restore: {line}" if name in RECOVERY_SETTINGS else line)
@@ -364,14 +365,16 @@ def _finish(dest: str, targets: Mapping[int, str], settings: Mapping[str, str], 
         write_recovery_config(dest, settings, backup_id, owner)
         os.rename(held_back, os.path.join(dest, PG_CONTROL))
     except (CloudbkError, OSError) as exc:
-        if os.path.lexists(signal) and not os.path.lexists(os.path.join(dest, PG_CONTROL)):
-            os.unlink(signal)  # an unstartable DEST must not look like a configured restore
+        if not os.path.isfile(os.path.join(dest, PG_CONTROL)):
+            with contextlib.suppress(OSError):
+                os.unlink(signal)  # an unstartable DEST must not look like a configured restore
         hint = f"{dest} is incomplete and cannot start (it has no {PG_CONTROL}); empty it before retrying"
         if isinstance(exc, CloudbkError):
             exc.hint = f"{exc.hint}. {hint}" if exc.hint else hint
             raise
         path = getattr(exc, "filename", None)
-        raise OperationFailed(f"restore into {dest} failed at {path}: {exc.strerror}", key=path, hint=hint) from exc
+        where = f" at {path}" if path else ""
+        raise OperationFailed(f"restore into {dest} failed{where}: {exc.strerror or exc}", key=path, hint=hint) from exc
 
 
 def _make_dirs(dest: str, paths: list[str], owner: tuple[int, int] | None) -> None:

@@ -17,9 +17,10 @@ from pgcluster import chown_to_pg
 from cloudbk import layout
 from cloudbk.compression import CompressingWriter
 from cloudbk.envelope import Header
-from cloudbk.errors import ExitCode
+from cloudbk.errors import ExitCode, OperationFailed
 from cloudbk.index import Index, update_index
 from cloudbk.manifest import FileEntry, Manifest, TarEntry, format_time
+from cloudbk.restore import PG_CONTROL_TMP, _finish
 
 BACKUP_ID = "20261121T090000Z"
 SEG = 16 * 1024 * 1024
@@ -154,3 +155,13 @@ def test_a_destination_whose_parent_is_not_writable_is_refused(file_backend: Bac
     proc = restore(file_backend, parent / "dest", "--backup", BACKUP_ID, check=False)
     _refused(proc, ExitCode.USAGE, f"{parent / 'dest'} cannot be created: {parent} is not writable", "HINT")
     assert list(parent.iterdir()) == []
+
+
+def test_a_restore_failing_after_extraction_leaves_no_recovery_signal(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / "global" / "pg_control").mkdir(parents=True)  # renaming pg_control into place will fail
+    (dest / PG_CONTROL_TMP).write_bytes(bytes(8192))
+    with pytest.raises(OperationFailed, match=r"failed at .*pg_control") as failure:
+        _finish(str(dest), {}, {"restore_command": "true"}, BACKUP_ID, None)
+    assert "cannot start" in str(failure.value)
+    assert not (dest / "recovery.signal").exists() and not (dest / "global" / "pg_control").is_file()
