@@ -255,6 +255,8 @@ class SafeExtractor:
         """The member's relative path, refused when it collides with an earlier member or a link, or puts
         something other than a regular file where restore writes its own files."""
         rel = safe_relpath(member.name)
+        if (member.issym() or member.islnk()) and (not member.linkname or "\x00" in member.linkname):
+            raise UnsafeMember(f"{self.what}: link {rel!r} has an empty or NUL-containing target")
         if not (member.issym() and (self.trust_symlinks or rel in self.links)):
             check_member(member)  # a link asked for may point anywhere; everything else is checked as text
         if rel == "":
