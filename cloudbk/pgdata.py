@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cloudbk.errors import UsageError
+from cloudbk.errors import OperationFailed, UsageError
 
 log = logging.getLogger("cloudbk.pgdata")
 
@@ -124,6 +124,13 @@ def _walk(root: str, rel_dir: str, is_base: bool, inside: frozenset[str] = froze
             dirents = sorted(it, key=lambda d: d.name)
     except FileNotFoundError:
         return  # dropped while we copied (a database or a temporary directory): WAL replay agrees
+    except PermissionError as exc:
+        raise OperationFailed(
+            f"cannot read directory {directory}: permission denied",
+            key=directory,
+            hint="run backup-push as the server's OS user; a directory reached through a symbolic link in the "
+            "data directory is backed up too, so that user must be able to read it (or remove the link)",
+        ) from exc
     names = [d.name for d in dirents]
     unlogged = _unlogged(names) if _is_db_dir(rel_dir) else set()
     for d in dirents:

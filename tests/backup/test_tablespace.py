@@ -26,6 +26,15 @@ def test_tablespace_and_links_round_trip(file_backend: Backend, clusters: Cluste
         "ln -s /nonexistent/cloudbk dangling; echo \"include_if_exists = 'extra.conf'\" >> postgresql.conf"
     )
     run_as_pg(["sh", "-ec", script])
+    # a link to a directory the server's user cannot read: the backup says which, and what to do
+    locked = scratch_dir("locked")
+    locked.chmod(0)
+    os.symlink(locked, pg.datadir / "locked")
+    proc = backup_push(pg, file_backend, check=False)
+    assert proc.returncode == ExitCode.FAILED and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot read directory {pg.datadir}/locked: permission denied" in proc.stderr and "HINT" in proc.stderr
+    os.unlink(pg.datadir / "locked")
+    locked.chmod(0o700)
     backup_id = backup_push(pg, file_backend, "--compression", "lz4").stdout.strip().splitlines()[-1]
     pg.sql("INSERT INTO moved SELECT generate_series(20001, 20500)")
     archive_all(pg)
