@@ -21,7 +21,7 @@ from cloudbk.checks import CheckOptions, run_checks
 from cloudbk.cli.main import main
 from cloudbk.errors import IntegrityError, TransientError
 from cloudbk.index import Index, update_index
-from cloudbk.lifecycle import apply_retention
+from cloudbk.lifecycle import apply_retention, delete_backup
 from cloudbk.restore import RestoreOptions, prepare
 from cloudbk.retention import Policy
 from cloudbk.storage.base import Storage
@@ -97,7 +97,9 @@ def test_damaged_backups_count_nowhere(storage: Storage, tmp_path: Path, capsys:
 
     # the CLI: backup-list lists the sound one only, backup-show refuses a damaged one (exit 4)
     assert main(["backup-list", "--json"]) == 0
-    assert [d["id"] for d in json.loads(capsys.readouterr().out)] == [IDS[0]]
+    listed = capsys.readouterr()
+    assert [d["id"] for d in json.loads(listed.out)] == [IDS[0]]
+    assert f"backup {IDS[2]} is damaged" in listed.err  # a warning names what is left out
     assert main(["backup-show", IDS[1]]) == 4
     assert "is damaged" in capsys.readouterr().err
 
@@ -106,6 +108,10 @@ def test_damaged_backups_count_nowhere(storage: Storage, tmp_path: Path, capsys:
     result = apply_retention(storage, SERVER, Policy(redundancy=1), now=T0 + timedelta(days=1))
     assert [d.backup.id for d in result.plan.decisions] == [IDS[0]] and not result.plan.expired
     assert keys_under(storage, f"{SERVER}/backups/") == before
+
+    # the way out check points to: deleting a damaged backup needs no --force (it is not counted)
+    assert delete_backup(storage, SERVER, IDS[2]).deleted_keys
+    assert sorted(load_catalog(storage, SERVER).damaged) == [IDS[1]]
 
 
 def strip_sizes(storage: Storage) -> None:
