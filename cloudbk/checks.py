@@ -2,7 +2,9 @@
 
 Checks, in order (a check that cannot run because an earlier one failed is left out, not reported as OK):
 
-- ``repository``: the index can be read (the storage answers, the index parses).
+- ``repository``: the index can be read (the storage answers, the index parses), and the backups prefix can be
+  listed with every manifest that needs reading (:func:`cloudbk.catalog.load_catalog`); a missing index while
+  backups or WAL are stored fails with a hint to run ``cloudbk reindex``.
 - ``repository writable``: a probe object is created (create-only) and deleted again.
 - ``PostgreSQL``: a connection succeeds (``--dbname`` or the libpq environment).
 - ``archive_mode``: ``on`` or ``always``. ``wal_level``: ``replica`` or ``logical``.
@@ -16,6 +18,9 @@ Checks, in order (a check that cannot run because an earlier one failed is left 
 - ``system identifier``: the server's equals the repository's.
 - ``WAL continuity``: no gap in the WAL from the oldest backup to the newest segment, on any timeline, and
   consistent timeline histories (:func:`cloudbk.walverify.verify_index`, index only).
+- ``backup objects``: no backup is damaged: every manifest is sound and every data object is listed with the
+  stored size its manifest gives (from the one LIST above; re-reading the bytes is ``verify``'s job). Damaged
+  backups are named, and not counted by the checks below.
 - ``backup maximum age``: the newest backup ended less than ``max_backup_age`` ago.
 - ``minimum redundancy requirements``: at least ``minimum_redundancy`` backups exist.
 """
@@ -31,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloudbk import layout
+from cloudbk.catalog import Catalog
 from cloudbk.errors import CloudbkError
 from cloudbk.index import Index
 from cloudbk.manifest import parse_time
@@ -319,52 +325,72 @@ def _check_last_archived(
 # -- the repository -----------------------------------------------------------------------------------------
 
 
+def _check_repository(report: CheckReport, storage: Storage, options: CheckOptions) -> Catalog | None:
+    """The ``repository`` and ``repository writable`` checks; the catalog when the repository can be read."""
+    from cloudbk.catalog import load_catalog
+
+    try:
+        catalog = load_catalog(storage, options.server)
+    except CloudbkError as exc:
+        report.add("repository", False, _error_text(exc), exc.hint)
+        return None
+    if not catalog.index_found:
+        report.add(
+            "repository",
+            False,
+            f"{options.repo} holds no archive for server {options.server!r} (no {layout.index_key(options.server)})",
+            "nothing was archived here yet, or --repo/--server (CLOUDBK_REPO/CLOUDBK_SERVER) name the wrong "
+            "place; once archive_command works, run SELECT pg_switch_wal() and check again",
+        )
+        return None
+    report.add("repository", True, options.repo)
+    probe = layout.check_probe_key(options.server, uuid.uuid4().hex)
+    try:
+        storage.put_bytes(probe, b"cloudbk check\n", CREATE_ONLY)
+        storage.delete(probe)
+        report.add("repository writable", True)
+    except CloudbkError as exc:
+        report.add("repository writable", False, _error_text(exc), exc.hint)
+    return catalog
+
+
+def _check_backup_objects(report: CheckReport, catalog: Catalog) -> None:
+    """Damaged backups (corrupt manifest, data object missing or not the size the manifest gives), by name."""
+    from cloudbk.catalog import damaged_hint
+
+    damaged = sorted(catalog.damaged.items())
+    if not damaged:
+        report.add(
+            "backup objects",
+            True,
+            f"{len(catalog.backups)} backups: manifests readable, data objects the size their manifests give",
+        )
+        return
+    detail = "; ".join(f"backup {b} is damaged: {problem}" for b, problem in damaged)
+    report.add("backup objects", False, detail + " (damaged backups are not counted)", damaged_hint(damaged[0][0]))
+
+
 def run_checks(
     storage: Storage | None, options: CheckOptions, connect: Connect = CheckConnection, postgres: bool = True
 ) -> CheckReport:
     """Run every check; ``storage`` None means it could not even be opened (reported as unreachable)."""
-    from cloudbk.index import load_index
-    from cloudbk.lifecycle import load_catalog
     from cloudbk.walverify import GAP, verify_index
 
     now = options.now or datetime.now(UTC)
     report = CheckReport(options.server)
-    index: Index | None = None
-    catalog = None
+    catalog: Catalog | None = None
     if storage is None:
         report.add("repository", False, f"cannot open {options.repo}")
     else:
-        try:
-            if storage.exists(layout.index_key(options.server)):
-                index = load_index(storage, options.server)
-                catalog = load_catalog(storage, options.server)
-                report.add("repository", True, options.repo)
-            else:
-                report.add(
-                    "repository",
-                    False,
-                    f"{options.repo} holds no archive for server {options.server!r} "
-                    f"(no {layout.index_key(options.server)})",
-                    "nothing was archived here yet, or --repo/--server (CLOUDBK_REPO/CLOUDBK_SERVER) name the wrong "
-                    "place; once archive_command works, run SELECT pg_switch_wal() and check again",
-                )
-        except CloudbkError as exc:
-            report.add("repository", False, _error_text(exc), exc.hint)
-            index = None
-        if index is not None:
-            probe = layout.check_probe_key(options.server, uuid.uuid4().hex)
-            try:
-                storage.put_bytes(probe, b"cloudbk check\n", CREATE_ONLY)
-                storage.delete(probe)
-                report.add("repository writable", True)
-            except CloudbkError as exc:
-                report.add("repository writable", False, _error_text(exc), exc.hint)
+        catalog = _check_repository(report, storage, options)
+    index = None if catalog is None else catalog.index
 
     if postgres:
         _check_postgres(report, options, index, storage if index is not None else None, connect)
 
     if index is None or catalog is None:
         return report
+    _check_backup_objects(report, catalog)
     backups = catalog.backups
     verify = verify_index(index, backups)
     if verify.ok:

@@ -83,6 +83,11 @@ def gaps(ranges: Ranges, first: int, last: int) -> Ranges:
     return missing
 
 
+class UnreadableIndex(IntegrityError):
+    """The index object was read but does not parse (truncated, not JSON, fields missing). Not raised for an
+    index of a newer format version: that one is refused, never replaced."""
+
+
 @dataclass
 class Index:
     server: str
@@ -177,7 +182,7 @@ class Index:
         except IntegrityError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(
+            raise UnreadableIndex(
                 f"index {key} is unreadable: {exc}",
                 key=key,
                 hint="run `cloudbk reindex` to rebuild it from the objects",
@@ -199,11 +204,14 @@ def update_index(
     server: str,
     mutate: Callable[[Index], bool],
     deadline: float = CAS_DEADLINE,
+    replace_unreadable: bool = False,
 ) -> Index:
     """Apply ``mutate`` to the index with compare-and-swap, retrying on conflict.
 
     ``mutate`` changes the index in place and returns True if it changed anything (False skips the write).
     It may run several times, each time on a freshly read index, so it must be idempotent.
+    ``replace_unreadable`` (for ``cloudbk reindex`` only) gives ``mutate`` an empty index in place of one that
+    does not parse, and the write replaces the damaged object only if it is still that version.
     """
     key = layout.index_key(server)
     start = time.monotonic()
@@ -212,8 +220,13 @@ def update_index(
         attempt += 1
         try:
             data, version = storage.get_bytes_versioned(key)
-            index: Index = Index.from_json(data, key)
             current: str | None = version
+            try:
+                index: Index = Index.from_json(data, key)
+            except UnreadableIndex:
+                if not replace_unreadable:
+                    raise
+                index = Index(server=server)
         except NotFound:
             index, current = Index(server=server), None
         if not mutate(index):

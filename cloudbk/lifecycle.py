@@ -1,10 +1,10 @@
 """Keeping a repository healthy: keep marks, deleting one backup, and carrying out a retention plan.
 
-What exists is decided by the objects, not by the index (a cache): a backup exists while its manifest does,
-and it is kept while its keep mark (``<server>/backups/<id>/keep.json``) does. The index mirrors the keep
-mark as ``"keep": "full"|"standalone"`` in the backup's summary, for listing; the mark is what protects, so
-a rebuilt or stale index never exposes a kept backup to retention. One LIST of ``<server>/backups/`` (a
-handful of keys per backup) gives both.
+What exists is decided by the objects, not by the index (a cache), in :mod:`cloudbk.catalog`: a backup
+exists while its manifest does (and counts while it is sound), and it is kept while its keep mark
+(``<server>/backups/<id>/keep.json``) does. The index mirrors the keep mark as ``"keep": "full"|"standalone"``
+in the backup's summary, for listing; the mark is what protects, so a rebuilt or stale index never exposes a
+kept backup to retention. One LIST of ``<server>/backups/`` (a handful of keys per backup) gives both.
 
 Deletion order mirrors the write order (data, then manifest, then index): a backup's manifest goes first,
 so the backup stops existing in one step; then its data objects; then the index entry. WAL goes before its
@@ -17,21 +17,27 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from cloudbk import layout
-from cloudbk.errors import NotFound, OperationFailed, UsageError
-from cloudbk.index import Index, gaps, load_index, update_index
-from cloudbk.manifest import STATUS_COMPLETE, BackupSummary, Manifest, format_time
+
+# what exists is decided in cloudbk.catalog; re-exported, as callers know these names from here
+from cloudbk.catalog import Catalog as Catalog
+from cloudbk.catalog import load_catalog as load_catalog
+from cloudbk.catalog import read_keep_mark as read_keep_mark
+from cloudbk.catalog import read_keep_marks as read_keep_marks
+from cloudbk.catalog import resolve_backup as resolve_backup
+from cloudbk.errors import OperationFailed, UsageError
+from cloudbk.index import Index, gaps, update_index
+from cloudbk.manifest import BackupSummary, format_time
 from cloudbk.retention import (
     DEFAULT_MINIMUM_REDUNDANCY,
     KEEP_FULL,
     KEEP_MODES,
     Policy,
     RetentionPlan,
-    order_backups,
     plan_retention,
 )
 from cloudbk.storage.base import Storage
@@ -40,97 +46,6 @@ from cloudbk.wal import HISTORY, parse_wal_name
 log = logging.getLogger("cloudbk.lifecycle")
 
 KEEP_FORMAT_VERSION = 1
-
-
-# -- what exists ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Catalog:
-    """The backups of one server as the objects say, reconciled with the index."""
-
-    index: Index
-    #: complete backups whose manifest exists, oldest first (end LSN, then end time)
-    backups: list[BackupSummary]
-    #: backup id -> keep mode, from the keep marks in storage
-    keeps: dict[str, str]
-    #: backup id -> every key under its prefix (manifest, data objects, keep mark)
-    objects: dict[str, list[str]]
-    #: listed by the index, but their manifest is gone (an interrupted delete): they do not exist
-    vanished: list[str] = field(default_factory=list)
-    #: their manifest exists but the index does not list them (read from the manifest instead)
-    unindexed: list[str] = field(default_factory=list)
-    #: manifests whose status is not complete: never counted, never expired
-    incomplete: list[str] = field(default_factory=list)
-    #: objects without a manifest or index entry: a backup-push still running, or one that died
-    orphans: list[str] = field(default_factory=list)
-
-    def find(self, backup_id: str) -> BackupSummary | None:
-        return next((b for b in self.backups if b.id == backup_id), None)
-
-
-def read_keep_mark(storage: Storage, server: str, backup_id: str) -> str | None:
-    """The keep mode of a backup, or None when it is not kept."""
-    key = layout.backup_keep_key(server, backup_id)
-    try:
-        doc = storage.get_json(key)
-    except NotFound:
-        return None
-    except ValueError as exc:
-        # A damaged mark still means "kept": err on the side of keeping.
-        log.warning("keep mark %s is unreadable (%s); treating the backup as kept (full)", key, exc)
-        return KEEP_FULL
-    mode = doc.get("mode") if isinstance(doc, dict) else None
-    return mode if mode in KEEP_MODES else KEEP_FULL
-
-
-def read_keep_marks(storage: Storage, server: str) -> dict[str, str]:
-    """Every kept backup of ``server`` and its keep mode (for ``cloudbk reindex`` to mirror in the index)."""
-    keeps: dict[str, str] = {}
-    for info in storage.list(layout.backups_prefix(server)):
-        backup_id = layout.backup_id_from_key(server, info.key)
-        if backup_id is not None and info.key == layout.backup_keep_key(server, backup_id):
-            keeps[backup_id] = read_keep_mark(storage, server, backup_id) or KEEP_FULL
-    return keeps
-
-
-def load_catalog(storage: Storage, server: str) -> Catalog:
-    """Read the index and LIST the backups prefix; reconcile the two (see :class:`Catalog`)."""
-    index = load_index(storage, server)
-    objects: dict[str, list[str]] = {}
-    for info in storage.list(layout.backups_prefix(server)):
-        backup_id = layout.backup_id_from_key(server, info.key)
-        if backup_id is not None:
-            objects.setdefault(backup_id, []).append(info.key)
-    catalog = Catalog(index=index, backups=[], keeps={}, objects=objects)
-    summaries: list[BackupSummary] = []
-    for backup_id, keys in sorted(objects.items()):
-        manifest_key = layout.backup_manifest_key(server, backup_id)
-        if layout.backup_keep_key(server, backup_id) in keys:
-            catalog.keeps[backup_id] = read_keep_mark(storage, server, backup_id) or KEEP_FULL
-        if manifest_key not in keys:
-            if backup_id not in index.backups:
-                catalog.orphans.append(backup_id)
-            continue
-        if backup_id in index.backups:
-            summary = BackupSummary.from_dict(index.backups[backup_id], layout.index_key(server))
-        else:
-            try:
-                data = storage.get_bytes(manifest_key)
-            except NotFound:
-                continue  # deleted between the LIST and now
-            summary = BackupSummary.from_dict(Manifest.from_json(data, manifest_key).summary(), manifest_key)
-            catalog.unindexed.append(backup_id)
-            log.warning("backup %s has a manifest but is not in the index; run `cloudbk reindex`", backup_id)
-        if summary.status == STATUS_COMPLETE:
-            summaries.append(summary)
-        else:
-            catalog.incomplete.append(backup_id)
-    catalog.vanished = sorted(
-        b for b in index.backups if layout.backup_manifest_key(server, b) not in objects.get(b, [])
-    )
-    catalog.backups = order_backups(summaries)
-    return catalog
 
 
 def _mirror_keeps(
@@ -163,23 +78,6 @@ def _mirror_keeps(
 
 
 # -- keep -------------------------------------------------------------------------------------------------
-
-
-def resolve_backup(catalog: Catalog, backup_id: str) -> BackupSummary:
-    """The backup ``backup_id`` (or the newest for ``latest``); ``OperationFailed`` when it does not exist."""
-    if backup_id == "latest":
-        if not catalog.backups:
-            raise OperationFailed("there are no backups", hint="take one with `cloudbk backup-push`")
-        return catalog.backups[-1]
-    layout.check_backup_id(backup_id)
-    found = catalog.find(backup_id)
-    if found is None:
-        raise OperationFailed(
-            f"backup {backup_id} does not exist in server {catalog.index.server!r}",
-            key=backup_id,
-            hint="see `cloudbk backup-list` for the backup ids",
-        )
-    return found
 
 
 def keep_backup(storage: Storage, server: str, backup_id: str, mode: str = KEEP_FULL) -> BackupSummary:
@@ -274,7 +172,7 @@ def delete_backup(
         )
     backup = catalog.find(backup_id)
     if backup is None:
-        if backup_id in catalog.incomplete or backup_id in catalog.vanished:
+        if backup_id in catalog.incomplete or backup_id in catalog.vanished or backup_id in catalog.damaged:
             pass  # not counted by redundancy; a vanished one lost its manifest already: finish the job
         elif keys:
             if not force:
@@ -420,6 +318,7 @@ def describe_plan(result: RetentionResult) -> dict[str, Any]:
             for d in plan.decisions
         ],
         "vanished_backups": result.catalog.vanished,
+        "damaged_backups": result.catalog.damaged,
         "unfinished_backups": result.catalog.orphans,
         "wal_keep_from": plan.wal_keep_from,
         "wal_ranges": {f"{t:08X}": r for t, r in sorted(plan.wal_ranges.items())},

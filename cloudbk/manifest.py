@@ -21,6 +21,7 @@ from cloudbk.wal import format_lsn, parse_lsn
 MANIFEST_FORMAT_VERSION = 1
 STATUS_COMPLETE = "complete"
 BASE_TAR = "base"  # the tar stream holding PGDATA; tablespace streams are named by their OID
+_CORRUPT_HINT = "the backup cannot be restored from this manifest; use another backup"
 
 
 def format_time(moment: datetime) -> str:
@@ -33,6 +34,10 @@ def parse_time(text: str) -> datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment
+
+
+class CorruptManifest(IntegrityError):
+    """A manifest that was read but is not valid (not JSON, not an object, fields missing or malformed)."""
 
 
 @dataclass(frozen=True)
@@ -224,10 +229,10 @@ class Manifest:
         except IntegrityError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(
+            raise CorruptManifest(
                 f"manifest {key} is unreadable: {exc!r}",
                 key=key,
-                hint="the backup cannot be restored from this manifest; use another backup",
+                hint=_CORRUPT_HINT,
             ) from exc
 
     @classmethod
@@ -235,13 +240,15 @@ class Manifest:
         try:
             doc = json.loads(data)
         except ValueError as exc:
-            raise IntegrityError(f"manifest {key} is not valid JSON: {exc}", key=key) from exc
+            raise CorruptManifest(f"manifest {key} is not valid JSON: {exc}", key=key, hint=_CORRUPT_HINT) from exc
         if not isinstance(doc, dict):
-            raise IntegrityError(f"manifest {key} is not a JSON object", key=key)
+            raise CorruptManifest(f"manifest {key} is not a JSON object", key=key, hint=_CORRUPT_HINT)
         return cls.from_dict(doc, key)
 
-    def summary(self) -> dict[str, Any]:
-        """What the index keeps about this backup: enough to list it and to plan a recovery from it."""
+    def summary(self, manifest_size: int | None = None) -> dict[str, Any]:
+        """What the index keeps about this backup: enough to list it, to plan a recovery from it, and to see
+        from one LIST whether its objects are still the size they were stored with (``manifest_size``: the
+        stored manifest's bytes, by default those of :meth:`to_json`, which is what backup-push stores)."""
         return BackupSummary(
             **{name: getattr(self, name) for name in _SHARED_FIELDS},
             status=self.status,
@@ -250,6 +257,8 @@ class Manifest:
             file_count=self.file_count,
             tablespaces=len(self.tablespaces),
             next_xid=self.next_xid,
+            objects={t.name: t.stored_size for t in self.tars},
+            manifest_size=len(self.to_json()) if manifest_size is None else manifest_size,
         ).to_dict()
 
 
@@ -275,6 +284,9 @@ class BackupSummary:
     file_count: int = 0
     tablespaces: int = 0
     next_xid: int | None = None
+    #: data object name -> stored size, and the stored manifest's size (absent in entries older than them)
+    objects: dict[str, int] | None = field(default=None, hash=False)
+    manifest_size: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -303,8 +315,10 @@ class BackupSummary:
                 file_count=int(doc.get("file_count", 0)),
                 tablespaces=int(doc.get("tablespaces", 0)),
                 next_xid=None if doc.get("next_xid") is None else int(doc["next_xid"]),
+                objects=None if doc.get("objects") is None else {str(k): int(v) for k, v in doc["objects"].items()},
+                manifest_size=None if doc.get("manifest_size") is None else int(doc["manifest_size"]),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(
                 f"backup entry {doc.get('id', '?')} in {where} is unreadable: {exc!r}",
                 key=where,

@@ -19,6 +19,7 @@ A restore point name cannot be placed, so the newest backup is chosen (pass ``--
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -225,13 +226,18 @@ def reaches(backup: BackupSummary, target: Target) -> bool:
 
 
 def choose_backup(
-    index: Index, target: Target, target_timeline: int | None = None, backup_id: str | None = None
+    index: Index,
+    target: Target,
+    target_timeline: int | None = None,
+    backup_id: str | None = None,
+    backups: Sequence[BackupSummary] | None = None,
 ) -> BackupSummary:
     """The backup to restore: ``backup_id`` ('latest' or an id) checked against the target, or the newest
-    backup that can reach it."""
+    backup that can reach it. ``backups`` are the ones to choose from, oldest first (restore passes those
+    :func:`cloudbk.catalog.load_catalog` found sound); by default the index's complete ones."""
     tli = target_timeline or latest_timeline(index)
     path = timeline_path(index, tli)
-    backups = complete_backups(index.backups)
+    backups = complete_backups(index.backups) if backups is None else list(backups)
     if not backups:
         raise OperationFailed(
             f"server {index.server!r} has no complete backup in this repository",

@@ -8,6 +8,10 @@ A rebuild must not lose entries written while it lists (a wal-push racing with i
 stored by compare-and-swap, and an entry that the old index has but the listing did not see is kept when a
 ``stat`` of its exact key finds the object; entries added to the index after the rebuild read it are kept
 as they are.
+
+An index that does not parse (truncated, overwritten) is no obstacle: it is treated as empty, and the
+rebuilt one replaces it by compare-and-swap against the damaged version (so a writer that replaced it in
+the meantime is merged with, not overwritten). An index of a newer format version is refused instead.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from cloudbk import layout
 from cloudbk.compression import DecompressingReader
 from cloudbk.envelope import read_header
 from cloudbk.errors import IntegrityError, NotFound, UsageError
-from cloudbk.index import Index, load_index, update_index
-from cloudbk.manifest import Manifest
+from cloudbk.index import Index, UnreadableIndex, load_index, update_index
+from cloudbk.manifest import CorruptManifest, Manifest
 from cloudbk.storage.base import Storage
 from cloudbk.wal import (
     DEFAULT_SEGMENT_SIZE,
@@ -49,9 +53,11 @@ class ReindexReport:
     backups: int = 0
     unfinished_backups: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # objects skipped, with the reason
+    damaged_backups: list[str] = field(default_factory=list)  # their manifest is corrupt: not listed
     kept_concurrent: int = 0  # entries the listing missed but whose objects exist (written meanwhile)
     added: int = 0  # segments the old index lacked
     removed: int = 0  # segments the old index listed whose objects are gone
+    index_unreadable: str | None = None  # why the index the rebuild replaced did not parse
 
 
 def _segments(index: Index) -> set[tuple[int, int]]:
@@ -76,7 +82,7 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
     report = ReindexReport()
     new = Index(server=server, system_identifier=old.system_identifier, wal_segment_size=old.wal_segment_size)
 
-    manifests: list[Manifest] = []
+    manifests: list[tuple[Manifest, int]] = []  # with the stored manifest's size
     kept: list[str] = []  # backups with a keep mark (cloudbk keep)
     ids: dict[str, bool] = {}
     for info in storage.list(layout.backups_prefix(server)):
@@ -87,13 +93,15 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
             kept.append(backup_id)
         if name == layout.MANIFEST_NAME:
             ids[backup_id] = True
+            data = storage.get_bytes(info.key)  # a read that fails is an error, never "not a backup"
             try:
-                manifests.append(Manifest.from_json(storage.get_bytes(info.key), info.key))
-            except IntegrityError as exc:
+                manifests.append((Manifest.from_json(data, info.key), len(data)))
+            except CorruptManifest as exc:
                 report.unreadable.append(f"{info.key}: {exc.message}")
+                report.damaged_backups.append(backup_id)
     report.unfinished_backups = sorted(i for i, has_manifest in ids.items() if not has_manifest)
-    for m in manifests:
-        new.backups[m.id] = m.summary()
+    for m, manifest_size in manifests:
+        new.backups[m.id] = m.summary(manifest_size=manifest_size)
         new.system_identifier = new.system_identifier or m.system_identifier
         new.wal_segment_size = new.wal_segment_size or m.wal_segment_size
     # the index mirrors keep marks; the marks themselves are what protects a backup from retention
@@ -146,10 +154,20 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
     return new, report
 
 
+def _read_old(storage: Storage, server: str) -> tuple[Index, str | None]:
+    """The current index, or an empty one with the reason when it does not parse (the rebuild replaces it)."""
+    try:
+        return load_index(storage, server), None
+    except UnreadableIndex as exc:
+        log.warning("%s; rebuilding it from the objects", exc.message)
+        return Index(server=server), exc.message
+
+
 def reindex(storage: Storage, server: str) -> ReindexReport:
     """Rebuild and store the index of ``server``; see the module docstring for concurrent writers."""
-    old = load_index(storage, server)
+    old, report_unreadable = _read_old(storage, server)
     new, report = scan(storage, server, old)
+    report.index_unreadable = report_unreadable
     size = new.wal_segment_size or DEFAULT_SEGMENT_SIZE
 
     # Entries the old index has and the listing did not see: kept if their objects exist now.
@@ -163,7 +181,7 @@ def reindex(storage: Storage, server: str) -> ReindexReport:
         kept = [item for item, ok in zip(unseen, pool.map(exists, unseen), strict=True) if ok]
     kept_backups = {}
     for backup_id, summary in old.backups.items():
-        if backup_id not in new.backups:
+        if backup_id not in new.backups and backup_id not in report.damaged_backups:
             try:
                 storage.stat(layout.backup_manifest_key(server, backup_id))
                 kept_backups[backup_id] = summary
@@ -197,5 +215,5 @@ def reindex(storage: Storage, server: str) -> ReindexReport:
         current.backups = dict(new.backups)
         return True
 
-    update_index(storage, server, mutate)
+    update_index(storage, server, mutate, replace_unreadable=True)
     return report

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cloudbk import layout
+from cloudbk.catalog import load_catalog, refuse_damaged
 from cloudbk.compression import DecompressingReader
 from cloudbk.envelope import read_header
 from cloudbk.errors import CloudbkError, IntegrityError, NotFound, OperationFailed, UsageError
-from cloudbk.index import Index, load_index
+from cloudbk.index import Index
 from cloudbk.links import RESERVED, requested_links
 from cloudbk.manifest import BASE_TAR, Manifest, TarEntry
 from cloudbk.pgdata import PG_CONTROL, TABLESPACE_MAP
@@ -122,8 +123,10 @@ def _ranges(items: list[tuple[int, int]]) -> list[Stretch]:
 
 
 def prepare(storage: Storage, server: str, options: RestoreOptions) -> tuple[Index, RecoveryPlan, Manifest]:
-    index = load_index(storage, server)
-    backup = choose_backup(index, options.target, options.target_timeline, options.backup_id)
+    catalog = load_catalog(storage, server)  # the backups that count; a missing index with objects raises
+    refuse_damaged(catalog, options.backup_id)
+    index = catalog.index
+    backup = choose_backup(index, options.target, options.target_timeline, options.backup_id, catalog.backups)
     plan = plan_recovery(index, backup, options.target, options.target_timeline)
     if not plan.complete:
         plan = confirm_missing(storage, server, plan)

@@ -1,4 +1,8 @@
-"""``cloudbk backup-list [--json]``: the complete backups, oldest first (by end LSN and time, never by id)."""
+"""``cloudbk backup-list [--json]``: the complete backups, oldest first (by end LSN and time, never by id).
+
+Which backups count is decided by :func:`cloudbk.catalog.load_catalog` (one LIST of the backups prefix next
+to the index): a damaged backup is not listed, and a warning names it.
+"""
 
 from __future__ import annotations
 
@@ -45,21 +49,21 @@ def wal_text(doc: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.index import load_index
-    from cloudbk.manifest import complete_backups
+    from cloudbk.catalog import load_catalog
     from cloudbk.storage.registry import open_storage
 
     storage = open_storage(settings.require_repo(), settings.storage_options())
     try:
-        index = load_index(storage, settings.server)
+        catalog = load_catalog(storage, settings.server)  # the backups that count (damaged ones are logged)
     finally:
         storage.close()
-    docs = [describe(index, b) for b in complete_backups(index.backups)]
+    docs = [describe(catalog.index, b) for b in catalog.backups]
     if args.json:
         print(json.dumps(docs, indent=1))
         return 0
     if not docs:
-        print(f"no backups for server {settings.server!r}")
+        damaged = f" ({len(catalog.damaged)} damaged: see `cloudbk check`)" if catalog.damaged else ""
+        print(f"no backups for server {settings.server!r}{damaged}")
         return 0
     rows = [
         [

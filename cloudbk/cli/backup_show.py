@@ -19,26 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk import layout
+    from cloudbk.catalog import load_catalog, resolve_backup
     from cloudbk.cli.backup_list import describe, wal_text
     from cloudbk.errors import NotFound, OperationFailed
-    from cloudbk.index import load_index
-    from cloudbk.manifest import Manifest, complete_backups, parse_time
+    from cloudbk.manifest import Manifest, parse_time
     from cloudbk.storage.registry import open_storage
 
     storage = open_storage(settings.require_repo(), settings.storage_options())
     try:
-        index = load_index(storage, settings.server)
-        backups = complete_backups(index.backups)
-        if args.backup_id == "latest":
-            if not backups:
-                raise OperationFailed(f"server {settings.server!r} has no backups", hint="see `cloudbk backup-list`")
-            summary = backups[-1]
-        else:
-            layout.check_backup_id(args.backup_id)
-            found = [b for b in backups if b.id == args.backup_id]
-            if not found:
-                raise OperationFailed(f"backup {args.backup_id} does not exist", hint="see `cloudbk backup-list`")
-            summary = found[0]
+        catalog = load_catalog(storage, settings.server)
+        index = catalog.index
+        summary = resolve_backup(catalog, args.backup_id)  # a damaged backup is an error naming what is wrong
         key = layout.backup_manifest_key(settings.server, summary.id)
         try:
             manifest = Manifest.from_json(storage.get_bytes(key), key)

@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk import layout
     from cloudbk.reindex import reindex
     from cloudbk.storage.registry import open_storage
 
@@ -23,6 +24,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         storage.close()
     timelines = ", ".join(str(t) for t in report.timelines) or "none"
+    if report.index_unreadable is not None:
+        key = layout.index_key(settings.server)
+        print(
+            f"{key} was unreadable ({report.index_unreadable}); rebuilt from {report.backups} backups and "
+            f"{report.segments} WAL segments"
+        )
     print(f"index of server {settings.server!r} rebuilt:")
     print(f"  WAL segments      {report.segments} (timelines {timelines}), {report.other_files} other WAL files")
     print(f"  history files     {report.histories}")

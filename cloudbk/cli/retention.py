@@ -55,6 +55,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {b.id}  timeline {b.timeline}  end {end_lsn}  {b.end_time}  {fate}: {d.reason}")
     for backup_id in result.catalog.vanished:
         print(f"  {backup_id}  listed by the index but its manifest is gone: its leftovers {verb}")
+    for backup_id, problem in sorted(result.catalog.damaged.items()):
+        print(f"  {backup_id}  DAMAGED ({problem}): not counted, left alone; see `cloudbk check`")
     for backup_id in result.catalog.orphans:
         print(f"  {backup_id}  objects without a manifest (unfinished backup-push?): left alone")
     if plan.wal_keep_from is not None and plan.retained:

@@ -35,3 +35,15 @@ def test_reindex_rebuilds_what_the_objects_say(file_backend: Backend, clusters: 
     assert after.backups == before.backups and backup_id in after.backups
     assert after.other_files == before.other_files
     assert after.system_identifier == before.system_identifier
+
+    # a truncated index stops every wal-push ("run `cloudbk reindex`"); reindex must repair it, not fail on it
+    storage = file_backend.open()
+    key = layout.index_key("main")
+    storage.put_bytes(key, storage.get_bytes(key)[:100])
+    storage.close()
+    out = cloudbk("reindex", env=repo_env(file_backend)).stdout
+    assert "main/index.json was unreadable (" in out and "rebuilt from 1 backups and " in out
+    repaired = index_of(file_backend)
+    assert repaired.segments == before.segments and repaired.backups == before.backups
+    restored.sql("CREATE TABLE after_repair (n int)")
+    archive_all(restored)  # archiving works again

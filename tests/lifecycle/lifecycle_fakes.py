@@ -25,6 +25,7 @@ SYSID = "7300000000000000001"
 OTHER_SYSID = "7399999999999999999"
 SERVER = "main"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TAR_BYTES = b"tar bytes"  # a backup's data object (its manifest gives this as its stored size)
 
 
 def lsn(segno: int, offset: int = 0x28) -> int:
@@ -123,9 +124,9 @@ def make_backup(
         end_time=format_time(end_time),
         wal_segment_size=SEG,
         compression="zstd",
-        tars=[TarEntry("base.tar.zst", None, 100, "0" * 64, 50)],
+        tars=[TarEntry("base.tar.zst", None, 100, "0" * 64, len(TAR_BYTES))],
     )
-    storage.put_bytes(layout.backup_object_key(server, backup_id, "base.tar.zst"), b"tar bytes", CREATE_ONLY)
+    storage.put_bytes(layout.backup_object_key(server, backup_id, "base.tar.zst"), TAR_BYTES, CREATE_ONLY)
     storage.put_bytes(layout.backup_manifest_key(server, backup_id), manifest.to_json(), CREATE_ONLY)
     summary = manifest.summary()
     if index:

@@ -37,7 +37,7 @@ def test_check_passes_when_healthy_and_names_each_failure() -> None:
     site = Site.create(Backend("file", f"file://{root}"), CLOUDBK_RETRY_DEADLINE="2")
     try:
         site.churn(1)
-        site.backup()
+        backup_id = site.backup()
         site.churn(1)
         site.settle()
         argv = ("check", "--dbname", site.primary.conninfo)
@@ -57,6 +57,7 @@ def test_check_passes_when_healthy_and_names_each_failure() -> None:
             "continuous archiving",
             "last archived WAL",
             "system identifier",
+            "backup objects",
             "WAL continuity",
             "backup maximum age",
             "minimum redundancy requirements",
@@ -124,5 +125,16 @@ def test_check_passes_when_healthy_and_names_each_failure() -> None:
         missing = site.cloudbk(*argv, "--repo", f"file://{new_dir('lc-empty')}/none", check=False)
         assert missing.returncode == 1
         assert "holds no archive for server 'main'" in lines(missing.stdout)["repository"]
+
+        # -- the backup's tar loses its tail: the backup is damaged and no longer counts ---------------------
+        tar = root / layout.backup_object_key("main", backup_id, "base.tar.zst")
+        with open(tar, "r+b") as f:
+            f.truncate(tar.stat().st_size - 1000)
+        damaged = site.cloudbk(*argv, check=False)
+        assert damaged.returncode == 1
+        results = lines(damaged.stdout)
+        assert results["backup objects"].startswith(f"FAILED (backup {backup_id} is damaged: its data object ")
+        assert results["minimum redundancy requirements"] == "FAILED (have 0 backups, expected at least 1)"
+        assert f"cloudbk delete {backup_id}" in damaged.stdout
     finally:
         site.destroy()

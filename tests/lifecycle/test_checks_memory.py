@@ -38,6 +38,7 @@ def test_repository_checks_pass_on_a_healthy_repository() -> None:
     assert list(results) == [
         "repository",
         "repository writable",
+        "backup objects",
         "WAL continuity",
         "backup maximum age",
         "minimum redundancy requirements",
