@@ -13,12 +13,12 @@ import logging
 import os
 import shlex
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 from cloudbk.cli.main import terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
 from cloudbk.errors import OperationFailed, UsageError
+from cloudbk.redact import strip_userinfo
 
 log = logging.getLogger("cloudbk")
 
@@ -75,11 +75,7 @@ def restore_command(settings: Settings, repo: str) -> str:
     fetch = next((c for c in candidates if os.access(c, os.X_OK)), "cloudbk-wal-fetch")
     argv = [fetch, "--repo", repo, "--server", settings.server]
     if settings.endpoint_url:
-        parts = urlsplit(settings.endpoint_url)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        argv += ["--endpoint-url", urlunsplit(parts._replace(netloc=netloc))]  # never user:password@
+        argv += ["--endpoint-url", strip_userinfo(settings.endpoint_url)]  # never user:password@
     return " ".join(shlex.quote(a) for a in argv) + " %f %p"
 
 

@@ -38,6 +38,7 @@ from cloudbk.errors import (
     TransientError,
     UsageError,
 )
+from cloudbk.redact import redact_url
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -215,7 +216,7 @@ class S3Storage(Storage):
                 TimeoutError,
             ),
         ):
-            endpoint = self.endpoint_url or "the AWS S3 endpoint"
+            endpoint = redact_url(self.endpoint_url) if self.endpoint_url else "the AWS S3 endpoint"
             return TransientError(
                 f"{what} {where}: network error talking to {endpoint}: {exc}",
                 key=key,
