@@ -49,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tablespace-mapping", action="append", default=[], metavar="OLD=NEW",
         help="restore the tablespace at directory OLD into NEW (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="restore even if the plan lacks WAL segments")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even if the plan lacks WAL segments or the target time is beyond the archived WAL",
+    )
     parser.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
     )
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def format_plan(plan: object, stored_size: int, options: object) -> str:
-    from cloudbk.pitr import RecoveryPlan
+    from cloudbk.pitr import RecoveryPlan, format_target_time
     from cloudbk.restore import RestoreOptions
     from cloudbk.wal import format_lsn, segment_name
 
@@ -164,6 +168,11 @@ def format_plan(plan: object, stored_size: int, options: object) -> str:
         f"  to fetch    {human_size(stored_size)} of backup + up to {human_size(plan.wal_bytes)} of WAL "
         f"({plan.segment_count} segments)"
     )
+    if plan.reach_time is not None:
+        lines.append(f"  reachable   up to {format_target_time(plan.reach_time)} at most (when the newest segment "
+                     "on the path was archived)")  # fmt: skip
+    elif plan.target.kind == "time":
+        lines.append("  reachable   unknown (the index does not record when the newest segment was archived)")
     if plan.complete:
         lines.append("  status      every WAL segment and history file the plan needs is in the archive")
     else:

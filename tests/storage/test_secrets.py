@@ -4,13 +4,8 @@ recovery settings ``restore`` writes."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import struct
 import subprocess
-import tarfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,20 +13,13 @@ from backends import Backend
 from pgcluster import BIN_DIR
 from services.proc import free_port
 from services.s3 import S3Service
+from synthetic import plant_backup, segment_file
 
-from cloudbk import layout
 from cloudbk.cli.main import main
-from cloudbk.compression import CompressingWriter
-from cloudbk.envelope import Header
 from cloudbk.errors import ExitCode
-from cloudbk.index import Index, update_index
-from cloudbk.manifest import FileEntry, Manifest, TarEntry, format_time
 from cloudbk.redact import redact_text, redact_url
-from cloudbk.storage.base import Storage
 
 SECRET = "SECRETPW"
-BACKUP_ID = "20261121T090000Z"
-SEG = 16 * 1024 * 1024
 
 
 def test_redaction_masks_userinfo_only() -> None:
@@ -61,14 +49,6 @@ def _s3_env(service: S3Service, endpoint: str) -> dict[str, str]:
     return env
 
 
-def _wal_file(directory: Path) -> Path:
-    """A segment whose first page has a PostgreSQL 15 long header (what wal-push checks before uploading)."""
-    path = directory / "000000010000000000000003"
-    header = struct.pack("<HHIQI4xQII", 0xD110, 0x0002, 1, 3 * SEG, 0, 7300000000000000001, SEG, 8192)
-    path.write_bytes(header + bytes(SEG - len(header)))
-    return path
-
-
 @pytest.mark.parametrize("how", ["flag", "CLOUDBK_ENDPOINT_URL", "AWS_ENDPOINT_URL"])
 def test_s3_endpoint_password_is_never_printed(
     how: str,
@@ -88,7 +68,7 @@ def test_s3_endpoint_password_is_never_printed(
     else:
         monkeypatch.setenv(how, endpoint)
     commands = [
-        ["wal-push", str(_wal_file(tmp_path))],
+        ["wal-push", str(segment_file(tmp_path, 1, 3))],
         ["wal-fetch", "000000010000000000000003", str(tmp_path / "fetched")],
         ["backup-list", "-v"],
         ["check"],
@@ -118,48 +98,13 @@ def test_wal_fetch_process_logs_no_password(s3_moto_service: S3Service, tmp_path
     assert "***@127.0.0.1" in proc.stderr and SECRET not in proc.stdout + proc.stderr
 
 
-def _plant_backup(storage: Storage) -> None:
-    """A tiny backup (no server needed) whose WAL the index says is archived: enough for `restore` to run."""
-    members = {"PG_VERSION": b"15\n", "global/pg_control": bytes(8192)}
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    tar = raw.getvalue()
-    out = io.BytesIO()
-    out.write(Header(kind="tar", name="base.tar.zst", compression="zstd").encode())
-    comp = CompressingWriter("zstd", out)
-    comp.write(tar)
-    comp.finish()
-    files = [FileEntry(name, len(data), hashlib.sha256(data).hexdigest()) for name, data in members.items()]
-    now = format_time(datetime.now(UTC))
-    manifest = Manifest(
-        id=BACKUP_ID, server="main", system_identifier="7300000000000000001", pg_version=150004, timeline=1,
-        begin_lsn=2 * SEG + 0x28, end_lsn=2 * SEG + 0x100, begin_wal="000000010000000000000002",
-        end_wal="000000010000000000000002", begin_time=now, end_time=now, wal_segment_size=SEG, compression="zstd",
-        tars=[TarEntry("base.tar.zst", None, len(tar), hashlib.sha256(tar).hexdigest(), len(out.getvalue()), files)],
-    )  # fmt: skip
-    storage.put_bytes(layout.backup_object_key("main", BACKUP_ID, "base.tar.zst"), out.getvalue())
-    storage.put_bytes(layout.backup_manifest_key("main", BACKUP_ID), manifest.to_json())
-
-    def mutate(index: Index) -> bool:
-        index.system_identifier, index.wal_segment_size = manifest.system_identifier, SEG
-        index.add_segments(1, 1, 4)
-        index.backups[BACKUP_ID] = manifest.summary()
-        return True
-
-    update_index(storage, "main", mutate)
-
-
 def test_restore_writes_no_password(
     s3_moto_service: S3Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     backend: Backend = s3_moto_service.make("secrets-restore")
     storage = backend.open()
     try:
-        _plant_backup(storage)
+        plant_backup(storage)
     finally:
         storage.close()
     endpoint = f"http://user:{SECRET}@127.0.0.1:{s3_moto_service.process.port}"
