@@ -47,6 +47,7 @@ from cloudbk.storage.base import (
     ObjectReader,
     ObjectWriter,
     Storage,
+    UploadInfo,
     WriteMode,
     check_key,
     check_prefix,
@@ -390,6 +391,16 @@ class S3Storage(Storage):
             finally:
                 body.close()
         return bytes(data), _version(response["ETag"])
+
+    def list_uploads(self, prefix: str = "") -> Iterator[UploadInfo]:
+        from cloudbk.storage.s3uploads import list_uploads
+
+        return list_uploads(self, prefix)
+
+    def abort_upload(self, upload: UploadInfo) -> None:
+        from cloudbk.storage.s3uploads import abort_upload
+
+        abort_upload(self, upload)
 
     def close(self) -> None:
         self._client.close()

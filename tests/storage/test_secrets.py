@@ -4,6 +4,7 @@ recovery settings ``restore`` writes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from services.proc import free_port
 from services.s3 import S3Service
 from synthetic import plant_backup, segment_file
 
-from cloudbk.cli.main import main
+from cloudbk.cli.main import RedactingFormatter, _excepthook, main
 from cloudbk.errors import ExitCode
 from cloudbk.redact import redact_text, redact_url
 
@@ -140,3 +141,14 @@ def test_other_endpoints_with_a_password_are_never_printed(
         out = capsys.readouterr()
         shown += out.out + out.err
     assert "127.0.0.1" in shown and SECRET not in shown, shown
+
+
+def test_unexpected_tracebacks_and_log_lines_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        raise RuntimeError(f"boom at http://u:{SECRET}@127.0.0.1:1/x")
+    except RuntimeError as exc:
+        _excepthook(RuntimeError, exc, exc.__traceback__)
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom at http://***@127.0.0.1:1/x" in err and SECRET not in err
+    record = logging.LogRecord("cloudbk", logging.ERROR, __file__, 1, "%s", (f"s3 at http://k:{SECRET}@h",), None)
+    assert RedactingFormatter("%(message)s").format(record) == "s3 at http://***@h"
