@@ -347,21 +347,30 @@ def _reach_time(index: Index, stretches: list[Stretch]) -> datetime | None:
     return max(parse_time(t) for t in times if t is not None)
 
 
+def beyond_reach(plan: RecoveryPlan) -> str | None:
+    """Why the plan's target time lies beyond anything the archive can reach, or None (also when unknown)."""
+    target, reach = plan.target.time, plan.reach_time
+    if plan.target.kind != TIME or target is None or reach is None or target <= reach:
+        return None
+    timelines = ", ".join(str(t) for t in sorted({s.timeline for s in plan.stretches}))
+    return (
+        f"the target time {format_target_time(target)} is later than anything the archive can reach: the newest "
+        f"WAL on the recovery path (timeline {timelines}) was archived at {format_target_time(reach)}"
+    )
+
+
 def check_reach(plan: RecoveryPlan) -> None:
     """Refuse a target time later than anything the archive can reach: recovery would replay every archived
     segment and end without reaching it (PostgreSQL: "recovery ended before configured recovery target was
     reached"). Nothing is refused when the bound is unknown."""
-    target, reach = plan.target.time, plan.reach_time
-    if plan.target.kind != TIME or target is None or reach is None or target <= reach:
+    reason = beyond_reach(plan)
+    if reason is None:
         return
-    timelines = ", ".join(str(t) for t in sorted({s.timeline for s in plan.stretches}))
+    reach = format_target_time(plan.reach_time) if plan.reach_time else ""
     raise OperationFailed(
-        f"refusing to restore: the target time {format_target_time(target)} is later than anything the archive "
-        f"can reach; the newest WAL on the recovery path (timeline {timelines}) was archived at "
-        f"{format_target_time(reach)}, so recovery would end before the target",
-        hint=f"nothing was written. Choose a --target-time up to {format_target_time(reach)}, or wait until the "
-        "source server has archived the WAL up to the target (SELECT pg_switch_wal() there), or pass --force to "
-        "restore anyway",
+        f"refusing to restore: {reason}, so recovery would end before the target",
+        hint=f"nothing was written. Choose a --target-time up to {reach}, or wait until the source server has "
+        "archived the WAL up to the target (SELECT pg_switch_wal() there), or pass --force to restore anyway",
     )
 
 

@@ -41,10 +41,6 @@ def strip_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-def has_userinfo(url: str) -> bool:
-    return "@" in urlsplit(url).netloc
-
-
 def redact_text(text: str) -> str:
     """``text`` with the user name and password of every URL in it replaced by ``***``."""
     if "@" not in text:

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             _index, plan, manifest = prepare(storage, settings.server, options)
             print(format_plan(plan, manifest.stored_size, options), flush=True)
+            if options.force:
+                _warn_beyond_reach(plan)
             if not plan.complete and not options.force:
                 raise OperationFailed(
                     "refusing to restore: the archive lacks WAL this recovery needs (listed above)",
@@ -137,6 +139,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "(or run restore as the server's OS user)", result.dest)  # fmt: skip
     print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
     return 0
+
+
+def _warn_beyond_reach(plan: object) -> None:
+    from cloudbk.pitr import RecoveryPlan, beyond_reach
+
+    assert isinstance(plan, RecoveryPlan)
+    reason = beyond_reach(plan)
+    if reason is not None:
+        log.warning("%s; restoring anyway (--force): recovery cannot finish before that WAL is archived", reason)
 
 
 def format_plan(plan: object, stored_size: int, options: object) -> str:

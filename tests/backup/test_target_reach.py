@@ -88,5 +88,6 @@ def test_restore_refuses_a_target_time_beyond_the_archive(
     assert main(["restore", str(tmp_path / "within"), "--repo", url, "--target-time", reach.isoformat()]) == 0
     assert f"reachable   up to {format_target_time(reach)}" in capsys.readouterr().out
     assert main(["restore", str(tmp_path / "forced"), "--repo", url, "--target-time", late, "--force"]) == 0
+    assert "restoring anyway (--force)" in capsys.readouterr().err
     conf = (tmp_path / "forced" / "postgresql.auto.conf").read_text()
     assert f"recovery_target_time = '{format_target_time(T0 + timedelta(hours=2))}'" in conf
