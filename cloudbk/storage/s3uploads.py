@@ -5,9 +5,12 @@ stay stored, and billed, invisible to LIST, until AbortMultipartUpload or a buck
 (AbortIncompleteMultipartUpload, see docs/lifecycle.md) removes them. Which uploads are stale is decided in
 :mod:`cloudbk.inflight`; this module only talks to S3.
 
-ListMultipartUploads pages by (key, upload id) markers, oldest upload first within a key
-(https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListMultipartUploads.html). Some stores (SeaweedFS) leave
-``NextKeyMarker`` out of a truncated page: the markers are then taken from the last upload of the page.
+ListMultipartUploads pages by (key, upload id) markers, up to 1,000 uploads a page
+(https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListMultipartUploads.html). Not every store pages in key
+order (SeaweedFS does not, and leaves ``NextKeyMarker`` out of a truncated page), so the markers are taken
+from the last upload of a page when the answer has none, uploads already seen are skipped, and a page that
+brings nothing new ends the listing. An upload a store's odd paging hides stays for the next retention run,
+which sees it once the ones before it are aborted: being stale is never urgent.
 """
 
 from __future__ import annotations
@@ -28,20 +31,22 @@ def list_uploads(storage: S3Storage, prefix: str) -> Iterator[UploadInfo]:
     """Every incomplete multipart upload whose key starts with ``prefix`` (relative to the repository root)."""
     check_prefix(prefix)
     root = storage._root
-    params: dict[str, Any] = {"Bucket": storage.bucket, "Prefix": root + prefix}
+    params: dict[str, Any] = {"Bucket": storage.bucket, "Prefix": root + prefix, "MaxUploads": MAX_UPLOADS_PER_PAGE}
+    seen: set[str] = set()
     while True:
-        params["MaxUploads"] = max(1, min(storage.list_page_size, MAX_UPLOADS_PER_PAGE))
         with storage._errors("list incomplete uploads under", prefix):
             page: dict[str, Any] = storage._client.list_multipart_uploads(**params)
         uploads = page.get("Uploads", ())
-        for upload in uploads:
+        new = [u for u in uploads if str(u["UploadId"]) not in seen]
+        for upload in new:
+            seen.add(str(upload["UploadId"]))
             initiated = upload.get("Initiated")
             yield UploadInfo(
                 str(upload["Key"])[len(root) :],
                 str(upload["UploadId"]),
                 initiated.timestamp() if initiated is not None else None,
             )
-        if not page.get("IsTruncated") or not uploads:
+        if not page.get("IsTruncated") or not new:
             return
         params["KeyMarker"] = page.get("NextKeyMarker") or uploads[-1]["Key"]
         params["UploadIdMarker"] = page.get("NextUploadIdMarker") or uploads[-1]["UploadId"]
