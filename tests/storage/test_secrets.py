@@ -63,6 +63,7 @@ def test_s3_endpoint_password_is_never_printed(
         monkeypatch.setenv(name, value)
     for name in ("CLOUDBK_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "CLOUDBK_CONFIG"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGHOST", str(tmp_path))  # `check` finds no server there, at once
     flags = ["--repo", f"s3://{s3_moto_service.bucket}/secrets", "--retry-deadline", "0"]
     if how == "flag":
         flags += ["--endpoint-url", endpoint]
@@ -123,10 +124,11 @@ def test_restore_writes_no_password(
 
 @pytest.mark.parametrize("scheme", ["azure", "gcs"])
 def test_other_endpoints_with_a_password_are_never_printed(
-    scheme: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     port = free_port()
     monkeypatch.delenv("CLOUDBK_CONFIG", raising=False)
+    monkeypatch.setenv("PGHOST", str(tmp_path))  # `check` finds no server there, at once
     if scheme == "azure":
         monkeypatch.setenv("AZURE_STORAGE_ACCOUNT", "devstoreaccount1")
         monkeypatch.setenv("AZURE_STORAGE_KEY", "a2V5")
