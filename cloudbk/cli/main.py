@@ -150,6 +150,8 @@ def _setup_logging(command: str, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    if logging.lastResort is not None:  # what prints the SDKs' own warnings: redacted too
+        logging.lastResort.setFormatter(RedactingFormatter("%(message)s"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

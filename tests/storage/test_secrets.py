@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,10 @@ def test_unexpected_tracebacks_and_log_lines_are_redacted(capsys: pytest.Capture
     assert "RuntimeError: boom at http://***@127.0.0.1:1/x" in err and SECRET not in err
     record = logging.LogRecord("cloudbk", logging.ERROR, __file__, 1, "%s", (f"s3 at http://k:{SECRET}@h",), None)
     assert RedactingFormatter("%(message)s").format(record) == "s3 at http://***@h"
+    # an SDK's own warnings (loggers without a handler) go through logging's last resort, redacted as well
+    script = (
+        "import logging, sys; from cloudbk.cli.main import _setup_logging; _setup_logging('wal-fetch', False); "
+        "logging.getLogger('botocore.endpoint').warning('SDK text about %s', sys.argv[1])"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, f"http://k:{SECRET}@h"], capture_output=True, text=True)
+    assert proc.stderr == "SDK text about http://***@h\n"
