@@ -6,6 +6,8 @@ Order of writes (data first, index after, manifest last — readers go the other
 2. ``global/pg_control`` read last, then ``pg_backup_stop``; its ``backup_label`` and ``tablespace_map``
    and then pg_control end the PGDATA tar (a tar cut short has no pg_control, so it cannot start a server);
 3. wait, bounded, until the WAL from the begin to the end segment is in the archive (SPEC §3 rule 4);
+   all along, a heartbeat object claims the backup's uploads (:mod:`cloudbk.inflight`), so retention aborts
+   only those of a backup-push that died;
 4. the manifest, create-only: from here on the backup exists;
 5. the index entry, by compare-and-swap.
 If anything fails before step 4 the objects written so far are deleted (best effort; they are invisible
@@ -30,6 +32,7 @@ from cloudbk.compression import CompressingWriter
 from cloudbk.envelope import Header
 from cloudbk.errors import AlreadyExists, CloudbkError, ConflictError, OperationFailed, UsageError
 from cloudbk.index import Index, load_index, update_index
+from cloudbk.inflight import Heartbeat
 from cloudbk.manifest import BASE_TAR, LinkEntry, Manifest, Tablespace, TarEntry, format_time
 from cloudbk.pgconn import BackupStop, parse_backup_label, pg_control_system_identifier
 from cloudbk.pgdata import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, scan_data_directory, scan_tablespace
@@ -280,6 +283,8 @@ def take_backup(
     ext = EXTENSIONS[options.compression]
     uploads: list[_TarUpload] = []
     manifest_written = False
+    heartbeat = Heartbeat(storage, server, backup_id)  # claims the uploads below until the backup ends
+    heartbeat.start()
     try:
         begin_lsn = source.backup_start(f"cloudbk {backup_id}", options.fast_checkpoint)
         begin_time = source.clock()
@@ -394,11 +399,13 @@ def take_backup(
             ) from exc
         manifest_written = True
     except BaseException:
+        heartbeat.stop()  # first, so it is not written again after the discard
         for up in uploads:
             up.abort()
         if not manifest_written:
             _discard(storage, server, backup_id)
         raise
+    heartbeat.stop()
 
     def add(idx: Index) -> bool:
         if idx.system_identifier is None:

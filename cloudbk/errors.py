@@ -7,6 +7,8 @@ with ``raise ... from exc``); retry decisions are made by class, never by messag
 
 from __future__ import annotations
 
+from cloudbk.redact import redact_text
+
 
 class ExitCode:
     """Process exit codes. Only ``cloudbk.cli`` turns exceptions into these."""
@@ -28,10 +30,12 @@ class CloudbkError(Exception):
     exit_code: int = ExitCode.OTHER
 
     def __init__(self, message: str, *, key: str | None = None, hint: str | None = None) -> None:
+        # Messages quote URLs and SDK texts, and they end up in the PostgreSQL log: never a password.
+        message = redact_text(message)
         super().__init__(message)
         self.message = message
         self.key = key
-        self.hint = hint
+        self.hint = None if hint is None else redact_text(hint)
 
     def __str__(self) -> str:
         text = self.message

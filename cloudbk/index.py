@@ -34,6 +34,11 @@ CAS_DEADLINE = 120.0  # seconds of conflicts before giving up; each round trip i
 Ranges = list[list[int]]  # sorted, non-overlapping, non-adjacent inclusive [first, last] segment numbers
 
 
+def format_index_time(moment: datetime) -> str:
+    """UTC ISO 8601 with microseconds and a Z: sortable as text (``updated_at``, ``last_push``)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _add_to_ranges(ranges: Ranges, first: int, last: int) -> bool:
     """Merge [first, last] into ``ranges`` in place; return True if anything was new."""
     if any(a <= first and last <= b for a, b in ranges):
@@ -103,6 +108,9 @@ class Index:
     backups: dict[str, dict[str, Any]] = field(default_factory=dict)
     updated_at: str = ""
     format_version: int = INDEX_FORMAT_VERSION
+    #: timeline -> when its newest segment was pushed (UTC, as ``updated_at``): an upper bound of the times a
+    #: recovery along it can reach. Missing for timelines last pushed by a cloudbk that did not record it.
+    last_push: dict[int, str] = field(default_factory=dict)
 
     # -- WAL ----------------------------------------------------------------------------------------------
 
@@ -115,6 +123,14 @@ class Index:
             _remove_from_ranges(ranges, first, last)
             if not ranges:
                 del self.segments[timeline]
+
+    def record_push(self, timeline: int, moment: datetime) -> bool:
+        """Note that a new segment of ``timeline`` was pushed at ``moment``; the bound only moves forward."""
+        text = format_index_time(moment)
+        if self.last_push.get(timeline, "") >= text:
+            return False
+        self.last_push[timeline] = text
+        return True
 
     def has_segment(self, timeline: int, segno: int) -> bool:
         return any(a <= segno <= b for a, b in self.segments.get(timeline, []))
@@ -144,7 +160,7 @@ class Index:
             "system_identifier": self.system_identifier,
             "wal_segment_size": self.wal_segment_size,
             "updated_at": self.updated_at,
-            "wal": {f"{tli:08X}": {"segments": ranges} for tli, ranges in sorted(self.segments.items())},
+            "wal": {f"{tli:08X}": self._wal_entry(tli, ranges) for tli, ranges in sorted(self.segments.items())},
             "histories": {
                 f"{tli:08X}": [
                     {"timeline": e.timeline, "switchpoint": format_lsn(e.switchpoint), "reason": e.reason}
@@ -156,6 +172,12 @@ class Index:
             "backups": dict(sorted(self.backups.items())),
         }
         return json.dumps(doc, indent=1, sort_keys=False).encode()
+
+    def _wal_entry(self, timeline: int, ranges: Ranges) -> dict[str, Any]:
+        entry: dict[str, Any] = {"segments": ranges}
+        if timeline in self.last_push:
+            entry["last_push"] = self.last_push[timeline]
+        return entry
 
     @classmethod
     def from_json(cls, data: bytes, key: str) -> Index:
@@ -178,6 +200,7 @@ class Index:
                 backups=dict(doc.get("backups", {})),
                 updated_at=str(doc.get("updated_at", "")),
                 format_version=version,
+                last_push={int(t, 16): str(v["last_push"]) for t, v in doc["wal"].items() if v.get("last_push")},
             )
         except IntegrityError:
             raise
@@ -231,7 +254,7 @@ def update_index(
             index, current = Index(server=server), None
         if not mutate(index):
             return index
-        index.updated_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        index.updated_at = format_index_time(datetime.now(UTC))
         try:
             storage.put_bytes(key, index.to_json(), CREATE_ONLY if current is None else IfVersion(current))
             return index

@@ -6,6 +6,7 @@
 <server>/backups/<backup-id>/<name>          a base backup's data objects (one tar per tablespace)
 <server>/backups/<backup-id>/manifest.json   its manifest, written last: without it the backup does not exist
 <server>/backups/<backup-id>/keep.json       present while the backup is kept (`cloudbk keep`); retention skips it
+<server>/backups/<backup-id>/heartbeat.json  present while its backup-push runs, rewritten every minute
 <server>/check/<token>                       a probe `cloudbk check` writes and deletes at once
 """
 
@@ -22,6 +23,7 @@ _BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z?[A-Za-z0-9._-]*$")
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "manifest.json"
 KEEP_NAME = "keep.json"
+HEARTBEAT_NAME = "heartbeat.json"
 
 
 def check_server(server: str) -> str:
@@ -83,7 +85,7 @@ def backup_manifest_key(server: str, backup_id: str) -> str:
 
 
 def backup_object_key(server: str, backup_id: str, name: str) -> str:
-    if "/" in name or name in ("", MANIFEST_NAME, KEEP_NAME):
+    if "/" in name or name in ("", MANIFEST_NAME, KEEP_NAME, HEARTBEAT_NAME):
         raise UsageError(f"invalid backup object name {name!r}")
     return f"{backup_prefix(server, backup_id)}{name}"
 
@@ -91,6 +93,11 @@ def backup_object_key(server: str, backup_id: str, name: str) -> str:
 def backup_keep_key(server: str, backup_id: str) -> str:
     """The keep mark of a backup (``cloudbk keep``): its presence is what protects the backup from retention."""
     return f"{backup_prefix(server, backup_id)}{KEEP_NAME}"
+
+
+def backup_heartbeat_key(server: str, backup_id: str) -> str:
+    """The heartbeat of a running backup-push: it claims the incomplete uploads under its backup's prefix."""
+    return f"{backup_prefix(server, backup_id)}{HEARTBEAT_NAME}"
 
 
 def backup_id_from_key(server: str, key: str) -> str | None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloudbk import layout
@@ -31,6 +31,7 @@ from cloudbk.catalog import read_keep_marks as read_keep_marks
 from cloudbk.catalog import resolve_backup as resolve_backup
 from cloudbk.errors import OperationFailed, UsageError
 from cloudbk.index import Index, gaps, update_index
+from cloudbk.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
 from cloudbk.manifest import BackupSummary, format_time
 from cloudbk.retention import (
     DEFAULT_MINIMUM_REDUNDANCY,
@@ -40,7 +41,7 @@ from cloudbk.retention import (
     RetentionPlan,
     plan_retention,
 )
-from cloudbk.storage.base import Storage
+from cloudbk.storage.base import Storage, UploadInfo
 from cloudbk.wal import HISTORY, parse_wal_name
 
 log = logging.getLogger("cloudbk.lifecycle")
@@ -215,6 +216,8 @@ class RetentionResult:
     #: backup id -> its object keys that go (or went); expired backups and vanished ones
     backup_keys: dict[str, list[str]]
     dry_run: bool
+    #: incomplete uploads a killed backup-push or wal-push left, aborted (or to be); see cloudbk.inflight
+    stale_uploads: list[UploadInfo] = field(default_factory=list)
 
 
 def _wal_keys_to_delete(storage: Storage, server: str, plan: RetentionPlan, timelines: Iterable[int]) -> list[str]:
@@ -261,10 +264,18 @@ def _expire_in_index(plan: RetentionPlan, ids: list[str], keeps: dict[str, str])
 
 
 def apply_retention(
-    storage: Storage, server: str, policy: Policy, now: datetime | None = None, dry_run: bool = False
+    storage: Storage,
+    server: str,
+    policy: Policy,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    stale_upload_age: timedelta = DEFAULT_STALE_UPLOAD_AGE,
 ) -> RetentionResult:
-    """Expire what ``policy`` says may go (see :mod:`cloudbk.retention`); with ``dry_run`` only report it."""
+    """Expire what ``policy`` says may go (see :mod:`cloudbk.retention`) and abort the incomplete uploads no
+    running backup claims that are older than ``stale_upload_age`` (:mod:`cloudbk.inflight`); with
+    ``dry_run`` only report it."""
     now = now or datetime.now(UTC)
+    stale = find_stale_uploads(storage, server, now, stale_upload_age)
     catalog = load_catalog(storage, server)
     plan = plan_retention(catalog.backups, catalog.keeps, catalog.index, policy, now)
     expired = [b.id for b in plan.expired]
@@ -273,7 +284,7 @@ def apply_retention(
     wal_keys = _wal_keys_to_delete(storage, server, plan, timelines)
     going = expired + [b for b in catalog.vanished if b not in expired]
     backup_keys = {b: sorted(catalog.objects.get(b, [])) for b in going}
-    result = RetentionResult(plan, catalog, wal_keys, backup_keys, dry_run)
+    result = RetentionResult(plan, catalog, wal_keys, backup_keys, dry_run, stale)
     if dry_run:
         return result
     for backup_id in expired:
@@ -295,6 +306,7 @@ def apply_retention(
         storage.delete_many(wal_keys)
         log.info("deleted %d WAL file(s) older than the oldest retained backup", len(wal_keys))
     update_index(storage, server, _expire_in_index(plan, going, catalog.keeps))
+    abort_uploads(storage, stale)
     return result
 
 
@@ -324,4 +336,5 @@ def describe_plan(result: RetentionResult) -> dict[str, Any]:
         "wal_ranges": {f"{t:08X}": r for t, r in sorted(plan.wal_ranges.items())},
         "wal_keys": result.wal_keys,
         "backup_keys": result.backup_keys,
+        "stale_uploads": describe_uploads(result.stale_uploads),
     }

@@ -147,6 +147,9 @@ class RecoveryPlan:
     open_ended: bool  # the plan runs to the newest archived segment (the target cannot be placed in WAL)
     missing: list[Stretch] = field(default_factory=list)
     missing_histories: list[int] = field(default_factory=list)
+    #: the latest time recovery along the plan can reach at most (when its newest segment was pushed);
+    #: None when the index does not record it for every timeline of the plan (see :func:`check_reach`)
+    reach_time: datetime | None = None
 
     @property
     def segment_count(self) -> int:
@@ -325,6 +328,7 @@ def plan_recovery(
     missing = [
         Stretch(s.timeline, a, b) for s in stretches for a, b in index.missing_segments(s.timeline, s.first, s.last)
     ]
+    reach_time = _reach_time(index, stretches)
     needed_histories = [t for t in sorted({s.timeline for s in stretches} | {tli}) if t > 1]
     missing_histories = [t for t in needed_histories if t not in index.histories]
     return RecoveryPlan(
@@ -337,6 +341,42 @@ def plan_recovery(
         open_ended=open_ended,
         missing=missing,
         missing_histories=missing_histories,
+        reach_time=reach_time,
+    )
+
+
+def _reach_time(index: Index, stretches: list[Stretch]) -> datetime | None:
+    """The newest ``last_push`` of the plan's timelines; None if one of them has none (an older index)."""
+    times = [index.last_push.get(s.timeline) for s in stretches]
+    if not times or any(t is None for t in times):
+        return None
+    return max(parse_time(t) for t in times if t is not None)
+
+
+def beyond_reach(plan: RecoveryPlan) -> str | None:
+    """Why the plan's target time lies beyond anything the archive can reach, or None (also when unknown)."""
+    target, reach = plan.target.time, plan.reach_time
+    if plan.target.kind != TIME or target is None or reach is None or target <= reach:
+        return None
+    timelines = ", ".join(str(t) for t in sorted({s.timeline for s in plan.stretches}))
+    return (
+        f"the target time {format_target_time(target)} is later than anything the archive can reach: the newest "
+        f"WAL on the recovery path (timeline {timelines}) was archived at {format_target_time(reach)}"
+    )
+
+
+def check_reach(plan: RecoveryPlan) -> None:
+    """Refuse a target time later than anything the archive can reach: recovery would replay every archived
+    segment and end without reaching it (PostgreSQL: "recovery ended before configured recovery target was
+    reached"). Nothing is refused when the bound is unknown."""
+    reason = beyond_reach(plan)
+    if reason is None:
+        return
+    reach = format_target_time(plan.reach_time) if plan.reach_time else ""
+    raise OperationFailed(
+        f"refusing to restore: {reason}, so recovery would end before the target",
+        hint=f"nothing was written. Choose a --target-time up to {reach}, or wait until the source server has "
+        "archived the WAL up to the target (SELECT pg_switch_wal() there), or pass --force to restore anyway",
     )
 
 

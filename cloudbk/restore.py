@@ -34,7 +34,7 @@ from cloudbk.index import Index
 from cloudbk.links import RESERVED, requested_links
 from cloudbk.manifest import BASE_TAR, Manifest, TarEntry
 from cloudbk.pgdata import PG_CONTROL, TABLESPACE_MAP
-from cloudbk.pitr import RecoveryPlan, Stretch, Target, choose_backup, plan_recovery
+from cloudbk.pitr import RecoveryPlan, Stretch, Target, check_reach, choose_backup, plan_recovery
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.storage.base import Storage
 from cloudbk.tarextract import SafeExtractor
@@ -128,6 +128,8 @@ def prepare(storage: Storage, server: str, options: RestoreOptions) -> tuple[Ind
     index = catalog.index
     backup = choose_backup(index, options.target, options.target_timeline, options.backup_id, catalog.backups)
     plan = plan_recovery(index, backup, options.target, options.target_timeline)
+    if not options.force:
+        check_reach(plan)  # before any other storage work
     if not plan.complete:
         plan = confirm_missing(storage, server, plan)
     key = layout.backup_manifest_key(server, backup.id)

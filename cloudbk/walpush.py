@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import BinaryIO
 
 from cloudbk import layout
@@ -251,8 +252,11 @@ def _compare_existing(storage: Storage, key: str, local: LocalFile) -> int:
     )
 
 
-def _record(local: LocalFile, key: str, history: list[HistoryEntry] | None) -> Callable[[Index], bool]:
-    """The index change for ``local`` (idempotent: it may run again on a freshly read index)."""
+def _record(
+    local: LocalFile, key: str, history: list[HistoryEntry] | None, pushed: datetime
+) -> Callable[[Index], bool]:
+    """The index change for ``local`` (idempotent: it may run again on a freshly read index). ``pushed`` is
+    when the push began: the segment was complete by then, so no time in it is later (``Index.last_push``)."""
 
     def mutate(index: Index) -> bool:
         changed = False
@@ -267,7 +271,9 @@ def _record(local: LocalFile, key: str, history: list[HistoryEntry] | None) -> C
                 changed = True
         wal = local.wal
         if wal.kind == SEGMENT and header is not None:
-            changed |= index.add_segments(wal.timeline, wal.segno(header.segment_size))
+            if index.add_segments(wal.timeline, wal.segno(header.segment_size)):
+                index.record_push(wal.timeline, pushed)
+                changed = True
         elif wal.kind in (PARTIAL, BACKUP_LABEL):
             changed |= index.add_other_file(wal.name)
         elif wal.kind == HISTORY and history is not None:
@@ -289,6 +295,7 @@ def _read_history(local: LocalFile) -> list[HistoryEntry] | None:
 def push_wal(storage: Storage, server: str, path: str, compression: str) -> PushResult:
     """Archive the WAL file at ``path``; see the module docstring. Raises on anything short of durable storage."""
     start = time.monotonic()
+    pushed = datetime.now(UTC)
     local = inspect_file(path)
     key = layout.wal_key(server, local.wal)
     log.debug("%s: %d bytes, sha256 %s, key %s", path, local.size, local.sha256, key)
@@ -308,7 +315,7 @@ def push_wal(storage: Storage, server: str, path: str, compression: str) -> Push
 
     history = _read_history(local) if local.wal.kind == HISTORY else None
     try:
-        update_index(storage, server, _record(local, key, history))
+        update_index(storage, server, _record(local, key, history, pushed))
     except ConflictError:
         raise
     except CloudbkError as exc:

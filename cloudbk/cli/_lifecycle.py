@@ -5,6 +5,7 @@
 | redundancy | --redundancy N | CLOUDBK_RETENTION_REDUNDANCY | [retention] redundancy |
 | recovery window | --recovery-window DAYS | CLOUDBK_RETENTION_RECOVERY_WINDOW | [retention] recovery_window |
 | minimum redundancy | --minimum-redundancy N | CLOUDBK_RETENTION_MINIMUM_REDUNDANCY | [retention] minimum_redundancy |
+| stale upload age | --stale-upload-age AGE | CLOUDBK_RETENTION_STALE_UPLOAD_AGE | [retention] stale_upload_age |
 | max backup age | --max-backup-age HOURS | CLOUDBK_CHECK_MAX_BACKUP_AGE | [check] max_backup_age |
 | max WAL lag | --max-wal-lag SEGMENTS | CLOUDBK_CHECK_MAX_WAL_LAG | [check] max_wal_lag |
 
@@ -19,11 +20,13 @@ from typing import Any
 
 from cloudbk.config import Settings
 from cloudbk.errors import UsageError
+from cloudbk.inflight import DEFAULT_STALE_UPLOAD_AGE
 from cloudbk.retention import DEFAULT_MINIMUM_REDUNDANCY, Policy, parse_window
 
-RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy")
+RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
 CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy")
 _ENV_PREFIX = {"retention": "CLOUDBK_RETENTION_", "check": "CLOUDBK_CHECK_"}
+_NOT_POLICY = ("minimum_redundancy", "stale_upload_age")  # [retention] settings that are not the policy
 
 
 def section(settings: Settings, name: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -71,8 +74,8 @@ def retention_policy(
     env, file = _layer(settings, "retention", RETENTION_KEYS)
     layers: list[dict[str, Any]] = [
         {k: v for k, v in (("redundancy", redundancy), ("recovery_window", recovery_window)) if v is not None},
-        {k: v for k, v in env.items() if k != "minimum_redundancy"},
-        {k: v for k, v in file.items() if k != "minimum_redundancy"},
+        {k: v for k, v in env.items() if k not in _NOT_POLICY},
+        {k: v for k, v in file.items() if k not in _NOT_POLICY},
     ]
     chosen = next((layer for layer in layers if layer), None)
     if chosen is None:
@@ -87,6 +90,21 @@ def retention_policy(
     if "redundancy" in chosen:
         return Policy(redundancy=_int(chosen["redundancy"], "redundancy"), minimum_redundancy=floor)
     return Policy(recovery_window=parse_window(chosen["recovery_window"]), minimum_redundancy=floor)
+
+
+def stale_upload_age(settings: Settings, flag: str | None) -> timedelta:
+    """How old an incomplete upload no running backup claims must be before retention aborts it."""
+    env, file = _layer(settings, "retention", RETENTION_KEYS)
+    value = flag if flag is not None else env.get("stale_upload_age", file.get("stale_upload_age"))
+    if value is None:
+        return DEFAULT_STALE_UPLOAD_AGE
+    try:
+        return parse_window(value)
+    except UsageError:
+        raise UsageError(
+            f"stale upload age {value!r} is not a duration longer than zero",
+            hint="write it as a number of days (1) or with a unit: 90s, 6h, 2d",
+        ) from None
 
 
 def check_limits(

@@ -13,6 +13,7 @@ import json
 
 from cloudbk.config import Settings
 from cloudbk.errors import ExitCode
+from cloudbk.redact import redact_text
 
 HELP = "check the archiving setup, the repository and the backups; nonzero exit if anything fails"
 CHECK_RETRY_DEADLINE = 10.0
@@ -59,13 +60,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if storage is not None:
             storage.close()
+    # the report quotes server settings such as archive_command: never a URL's password
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(redact_text(json.dumps(report.to_dict(), indent=1)))
     else:
         print(f"Server {report.server}:")
         for r in report.results:
             status = "OK" if r.ok else "FAILED"
-            print(f"\t{r.name}: {status}" + (f" ({r.detail})" if r.detail else ""))
+            print(redact_text(f"\t{r.name}: {status}" + (f" ({r.detail})" if r.detail else "")))
             if not r.ok and r.hint:
-                print(f"\t\tHINT: {r.hint}")
+                print(redact_text(f"\t\tHINT: {r.hint}"))
     return ExitCode.OK if report.ok else ExitCode.FAILED

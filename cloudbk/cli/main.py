@@ -12,13 +12,15 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import FrameType, ModuleType
+from types import FrameType, ModuleType, TracebackType
 from typing import NoReturn
 
 from cloudbk import __version__
 from cloudbk.errors import CloudbkError, ExitCode, UsageError
+from cloudbk.redact import redact_text
 
 # command name -> module under cloudbk.cli
 COMMANDS: dict[str, str] = {
@@ -129,13 +131,27 @@ def build_parser(only: str | None = None) -> ArgumentParser:
     return parser
 
 
+class RedactingFormatter(logging.Formatter):
+    """The last line of defence: no log line (the PostgreSQL log, for WAL commands) shows a URL's password."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def _excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """Tracebacks of unexpected errors, redacted like every other line cloudbk prints."""
+    sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
+
+
 def _setup_logging(command: str, verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"cloudbk {command}: %(levelname)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(f"cloudbk {command}: %(levelname)s: %(message)s"))
     root = logging.getLogger("cloudbk")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    if logging.lastResort is not None:  # what prints the SDKs' own warnings: redacted too
+        logging.lastResort.setFormatter(RedactingFormatter("%(message)s"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser(only if only in COMMANDS else None)
         args = parser.parse_args(args_list)
     except UsageError as exc:
-        print(f"cloudbk: ERROR: {exc}", file=sys.stderr)
+        print(redact_text(f"cloudbk: ERROR: {exc}"), file=sys.stderr)
         # a command may map even a usage error (wal-fetch during archive recovery must not exit "absent")
         modname = COMMANDS.get(only) if only is not None else None
         usage_handler = getattr(_module(modname), "exit_code_for", None) if modname else None
@@ -174,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str]) -> NoReturn:
+    sys.excepthook = _excepthook
     sys.exit(main(argv))
 
 

@@ -13,12 +13,12 @@ import logging
 import os
 import shlex
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 from cloudbk.cli.main import terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
 from cloudbk.errors import OperationFailed, UsageError
+from cloudbk.redact import strip_userinfo
 
 log = logging.getLogger("cloudbk")
 
@@ -58,7 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--link-map", action="append", default=[], metavar="NAME=PATH",
         help="recreate the link NAME (relative to DEST, e.g. pg_wal or log) pointing at PATH (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="restore even if the plan lacks WAL segments")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even if the plan lacks WAL segments or the target time is beyond the archived WAL",
+    )
     parser.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
     )
@@ -84,11 +88,7 @@ def restore_command(settings: Settings, repo: str) -> str:
     fetch = next((c for c in candidates if os.access(c, os.X_OK)), "cloudbk-wal-fetch")
     argv = [fetch, "--repo", repo, "--server", settings.server]
     if settings.endpoint_url:
-        parts = urlsplit(settings.endpoint_url)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        argv += ["--endpoint-url", urlunsplit(parts._replace(netloc=netloc))]  # never user:password@
+        argv += ["--endpoint-url", strip_userinfo(settings.endpoint_url)]  # never user:password@
     return " ".join(shlex.quote(a) for a in argv) + " %f %p"
 
 
@@ -127,6 +127,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             _index, plan, manifest = prepare(storage, settings.server, options)
             print(format_plan(plan, manifest.stored_size, options), flush=True)
+            if options.force:
+                _warn_beyond_reach(plan)
             if not plan.complete and not options.force:
                 raise OperationFailed(
                     "refusing to restore: the archive lacks WAL this recovery needs (listed above)",
@@ -152,8 +154,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _warn_beyond_reach(plan: object) -> None:
+    from cloudbk.pitr import RecoveryPlan, beyond_reach
+
+    assert isinstance(plan, RecoveryPlan)
+    reason = beyond_reach(plan)
+    if reason is not None:
+        log.warning("%s; restoring anyway (--force): recovery cannot finish before that WAL is archived", reason)
+
+
 def format_plan(plan: object, stored_size: int, options: object) -> str:
-    from cloudbk.pitr import RecoveryPlan
+    from cloudbk.pitr import RecoveryPlan, format_target_time
     from cloudbk.restore import RestoreOptions
     from cloudbk.wal import format_lsn, segment_name
 
@@ -181,6 +192,11 @@ def format_plan(plan: object, stored_size: int, options: object) -> str:
         f"  to fetch    {human_size(stored_size)} of backup + up to {human_size(plan.wal_bytes)} of WAL "
         f"({plan.segment_count} segments)"
     )
+    if plan.reach_time is not None:
+        lines.append(f"  reachable   up to {format_target_time(plan.reach_time)} at most (when the newest segment "
+                     "on the path was archived)")  # fmt: skip
+    elif plan.target.kind == "time":
+        lines.append("  reachable   unknown (the index does not record when the newest segment was archived)")
     if plan.complete:
         lines.append("  status      every WAL segment and history file the plan needs is in the archive")
     else:

@@ -4,6 +4,9 @@ Expires the backups the policy no longer needs and the WAL older than the oldest
 :mod:`cloudbk.retention` for the exact rules). Without a policy flag the policy comes from
 ``CLOUDBK_RETENTION_*`` or the ``[retention]`` table of the config file, so ``cloudbk retention`` alone works
 from cron. ``--dry-run`` lists every backup with its fate and every object that would be deleted.
+It also aborts the incomplete uploads (S3 multipart) that a killed backup-push or wal-push left under the
+server's prefix, once older than ``--stale-upload-age`` (default one day) and claimed by no running backup's
+heartbeat (:mod:`cloudbk.inflight`).
 """
 
 from __future__ import annotations
@@ -27,19 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--minimum-redundancy", type=int, metavar="N", help="never leave fewer than N backups (default 1)"
     )
+    parser.add_argument(
+        "--stale-upload-age",
+        metavar="AGE",
+        help="abort incomplete uploads older than AGE that no running backup claims (default 1 day; 6h, 90s)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     parser.add_argument("--json", action="store_true", help="print the plan and its outcome as JSON")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import retention_policy
+    from cloudbk.cli._lifecycle import retention_policy, stale_upload_age
     from cloudbk.lifecycle import apply_retention, describe_plan
     from cloudbk.storage.registry import open_storage
     from cloudbk.wal import segment_name
 
     policy = retention_policy(settings, args.redundancy, args.recovery_window, args.minimum_redundancy)
     with open_storage(settings.require_repo(), settings.storage_options()) as storage:
-        result = apply_retention(storage, settings.server, policy, dry_run=args.dry_run)
+        max_age = stale_upload_age(settings, args.stale_upload_age)
+        result = apply_retention(storage, settings.server, policy, dry_run=args.dry_run, stale_upload_age=max_age)
     if args.json:
         print(json.dumps(describe_plan(result), indent=1))
         return 0
@@ -67,6 +76,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         f"{len(plan.expired)} backup(s) and {len(result.wal_keys)} WAL file(s) {verb}"
         + (f"; {len(plan.retained)} backup(s) retained" if plan.decisions else "")
     )
+    if result.stale_uploads:
+        verb_upload = "would be aborted" if args.dry_run else "aborted"
+        print(f"{len(result.stale_uploads)} incomplete upload(s) no running backup claims {verb_upload}:")
+        for upload in result.stale_uploads:
+            print(f"  {upload.key}  (upload {upload.upload_id})")
     if args.dry_run or settings.verbose:
         for backup_id, keys in result.backup_keys.items():
             for key in keys:

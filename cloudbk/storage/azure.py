@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from cloudbk.errors import (
     AccessDenied,
@@ -33,6 +33,7 @@ from cloudbk.errors import (
     TransientError,
     UsageError,
 )
+from cloudbk.redact import redact_url
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -118,8 +119,7 @@ def _sdk_errors() -> tuple[type[BaseException], ...]:
 
 
 def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    return redact_url(url).rstrip("/")
 
 
 def _account_from_endpoint(endpoint: str) -> str | None:

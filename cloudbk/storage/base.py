@@ -48,6 +48,15 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class UploadInfo:
+    """An incomplete multipart upload (S3): parts stored under ``key``, never completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: float | None  # seconds since the epoch, by the storage's clock; None if not reported
+
+
+@dataclass(frozen=True)
 class Overwrite:
     """Replace whatever is stored under the key."""
 
@@ -175,6 +184,17 @@ class Storage(ABC):
 
     def close(self) -> None:
         """Release clients and connections."""
+        return None
+
+    # -- an optional capability: incomplete uploads a killed writer left behind ------------------------------
+
+    def list_uploads(self, prefix: str = "") -> Iterator[UploadInfo]:
+        """Incomplete multipart uploads whose key starts with ``prefix``. Backends without the concept (or
+        whose service discards them by itself) have none: the default yields nothing."""
+        return iter(())
+
+    def abort_upload(self, upload: UploadInfo) -> None:
+        """Discard one upload listed by ``list_uploads`` and its parts; one that is gone already is fine."""
         return None
 
     # -- conveniences built on the required operations --------------------------------------------------

@@ -44,6 +44,7 @@ from cloudbk.errors import (
     StorageError,
     TransientError,
 )
+from cloudbk.redact import redact_url
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -174,7 +175,7 @@ class GCSStorage(Storage):
             if cls is None:
                 raise
             detail = _SESSION_ID.sub("upload_id=...", f"{type(exc).__name__}: {exc}")
-            hint = ACCESS_HINT if cls is AccessDenied else f"check that {self.endpoint} is reachable"
+            hint = ACCESS_HINT if cls is AccessDenied else f"check that {redact_url(self.endpoint)} is reachable"
             raise cls(f"{what} {self._where(key)}: {detail}", key=key, hint=hint) from exc
 
     def _error(self, resp: requests.Response, what: str, key: str | None) -> StorageError:

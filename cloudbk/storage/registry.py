@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from cloudbk.errors import UsageError
+from cloudbk.redact import redact_url
 from cloudbk.storage.base import Storage
 
 SCHEMES = ("file", "s3", "gs", "azure", "memory")
@@ -39,6 +40,12 @@ def parse_url(url: str) -> ParsedURL:
     hint = "use s3://bucket/prefix, gs://bucket/prefix, azure://container/prefix or file:///absolute/path"
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    if "@" in parts.netloc:
+        raise UsageError(
+            f"repository URL {redact_url(url)} must not hold a user name or password",
+            hint="remove the 'user:password@' part; credentials come from each SDK's own chain (AWS_* variables, "
+            "AZURE_STORAGE_*, application default credentials), never from the URL",
+        )
     if scheme not in SCHEMES:
         raise UsageError(f"unsupported repository URL {url!r}: unknown scheme {parts.scheme!r}", hint=hint)
     if parts.query or parts.fragment:

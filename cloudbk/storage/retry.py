@@ -14,7 +14,15 @@ from typing import Any
 
 from cloudbk.errors import TransientError
 from cloudbk.storage.backoff import NO_RETRY, RetryPolicy
-from cloudbk.storage.base import OVERWRITE, ObjectInfo, ObjectReader, ObjectWriter, Storage, WriteMode
+from cloudbk.storage.base import (
+    OVERWRITE,
+    ObjectInfo,
+    ObjectReader,
+    ObjectWriter,
+    Storage,
+    UploadInfo,
+    WriteMode,
+)
 
 __all__ = ["NO_RETRY", "RetryPolicy", "RetryingStorage"]
 
@@ -106,6 +114,14 @@ class RetryingStorage(Storage):
 
     def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
         return self.policy.call(lambda: self.inner.get_bytes_versioned(key), f"read {key}")
+
+    def list_uploads(self, prefix: str = "") -> Iterator[UploadInfo]:
+        # few and small: one retried call collects them all
+        uploads = self.policy.call(lambda: builtins.list(self.inner.list_uploads(prefix)), f"list uploads {prefix}")
+        return iter(uploads)
+
+    def abort_upload(self, upload: UploadInfo) -> None:
+        self.policy.call(lambda: self.inner.abort_upload(upload), f"abort the upload of {upload.key}")
 
     def close(self) -> None:
         self.inner.close()

@@ -38,6 +38,7 @@ from cloudbk.errors import (
     TransientError,
     UsageError,
 )
+from cloudbk.redact import redact_url
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -46,6 +47,7 @@ from cloudbk.storage.base import (
     ObjectReader,
     ObjectWriter,
     Storage,
+    UploadInfo,
     WriteMode,
     check_key,
     check_prefix,
@@ -215,7 +217,7 @@ class S3Storage(Storage):
                 TimeoutError,
             ),
         ):
-            endpoint = self.endpoint_url or "the AWS S3 endpoint"
+            endpoint = redact_url(self.endpoint_url) if self.endpoint_url else "the AWS S3 endpoint"
             return TransientError(
                 f"{what} {where}: network error talking to {endpoint}: {exc}",
                 key=key,
@@ -389,6 +391,16 @@ class S3Storage(Storage):
             finally:
                 body.close()
         return bytes(data), _version(response["ETag"])
+
+    def list_uploads(self, prefix: str = "") -> Iterator[UploadInfo]:
+        from cloudbk.storage.s3uploads import list_uploads
+
+        return list_uploads(self, prefix)
+
+    def abort_upload(self, upload: UploadInfo) -> None:
+        from cloudbk.storage.s3uploads import abort_upload
+
+        abort_upload(self, upload)
 
     def close(self) -> None:
         self._client.close()

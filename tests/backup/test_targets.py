@@ -49,6 +49,13 @@ def test_each_kind_of_target(file_backend: Backend, clusters: Clusters) -> None:
     assert rows == ["0-base"]
     assert f"backup      {backup_id}" in plan
 
+    # a time later than anything archived: refused before anything is written (--force would go on)
+    later = pg.sql("SELECT now() + interval '1 hour'")
+    dest = new_dest()
+    refused = restore(file_backend, dest, "--target-time", later, check=False)
+    assert refused.returncode == 1 and "later than anything the archive can reach" in refused.stderr
+    assert "--force" in refused.stderr and not dest.exists()
+
 
 def _noted(pg: PgCluster) -> str:
     noted = pg.sql("SELECT now()")
