@@ -124,8 +124,10 @@ def _any_wal(storage: Storage, server: str) -> bool:
 def _missing_index(storage: Storage, server: str, objects: dict[str, dict[str, ObjectInfo]]) -> None:
     """Raise when the index is missing although the repository holds backups or WAL."""
     found = []
-    if objects:
-        found.append(f"{len(objects)} backup(s) under {layout.backups_prefix(server)}")
+    # only finished backups count: a heartbeat or parts of a backup-push still running are no sign of a lost index
+    with_manifest = [b for b, infos in objects.items() if layout.MANIFEST_NAME in infos]
+    if with_manifest:
+        found.append(f"{len(with_manifest)} backup(s) under {layout.backups_prefix(server)}")
     if _any_wal(storage, server):
         found.append(f"WAL under {layout.wal_prefix(server)}")
     if found:
