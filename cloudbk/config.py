@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk.compression import DEFAULT_ALGORITHM, check_algorithm
 from cloudbk.errors import UsageError
-from cloudbk.layout import check_server
+from cloudbk.repo.compression import DEFAULT_ALGORITHM, check_algorithm
+from cloudbk.repo.layout import check_server
 from cloudbk.storage.registry import StorageOptions, parse_url
 
 DEFAULT_SERVER = "main"

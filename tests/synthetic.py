@@ -10,13 +10,13 @@ import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cloudbk import layout
-from cloudbk.compression import CompressingWriter
-from cloudbk.envelope import Header
-from cloudbk.index import Index, update_index
-from cloudbk.manifest import FileEntry, Manifest, TarEntry, format_time
+from cloudbk.pg.walnames import segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.compression import CompressingWriter
+from cloudbk.repo.envelope import Header
+from cloudbk.repo.index import Index, update_index
+from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, format_time
 from cloudbk.storage.base import Storage
-from cloudbk.wal import segment_name
 
 SEG = 16 * 1024 * 1024
 SYSID = 7300000000000000001

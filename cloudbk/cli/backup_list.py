@@ -1,6 +1,6 @@
 """``cloudbk backup-list [--json]``: the complete backups, oldest first (by end LSN and time, never by id).
 
-Which backups count is decided by :func:`cloudbk.catalog.load_catalog` (one LIST of the backups prefix next
+Which backups count is decided by :func:`cloudbk.repo.catalog.load_catalog` (one LIST of the backups prefix next
 to the index): a damaged backup is not listed, and a warning names it.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from cloudbk.cli.output import human_size, table
 from cloudbk.config import Settings
-from cloudbk.index import Index
-from cloudbk.manifest import BackupSummary
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import BackupSummary
 
 HELP = "list the complete backups with their WAL range, sizes and the WAL archived after them"
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(index: Index, backup: BackupSummary) -> dict[str, Any]:
     """A backup's summary plus how far the archive reaches from it without a gap."""
-    from cloudbk.pitr import wal_after
+    from cloudbk.repo.pitr import wal_after
 
     reach = wal_after(index, backup)
     doc = backup.to_dict()
@@ -49,7 +49,7 @@ def wal_text(doc: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.catalog import load_catalog
+    from cloudbk.repo.catalog import load_catalog
     from cloudbk.storage.registry import open_storage
 
     storage = open_storage(settings.require_repo(), settings.storage_options())

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cloudbk.basebackup import DEFAULT_WAL_WAIT, BackupOptions, take_backup
+from cloudbk.backup.take import DEFAULT_WAL_WAIT, BackupOptions, take_backup
 from cloudbk.cli.main import terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
 from cloudbk.errors import UsageError
-from cloudbk.wal import format_lsn
+from cloudbk.pg.walnames import format_lsn
 
 HELP = "take a base backup of a running PostgreSQL server and store it (prints the backup id last)"
 BACKUP_RETRY_DEADLINE = 300.0  # a backup is long; riding out a few minutes of storage trouble is worth it
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.pgconn import PgConnection
+    from cloudbk.pg.conn import PgConnection
     from cloudbk.storage.registry import open_storage
 
     if args.wal_wait < 0:
@@ -82,6 +82,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _seconds(begin: str, end: str) -> float:
-    from cloudbk.manifest import parse_time
+    from cloudbk.repo.manifest import parse_time
 
     return (parse_time(end) - parse_time(begin)).total_seconds()

@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk import layout
-    from cloudbk.catalog import load_catalog, resolve_backup
     from cloudbk.cli.backup_list import describe, wal_text
     from cloudbk.errors import NotFound, OperationFailed
-    from cloudbk.manifest import Manifest, parse_time
+    from cloudbk.repo import layout
+    from cloudbk.repo.catalog import load_catalog, resolve_backup
+    from cloudbk.repo.manifest import Manifest, parse_time
     from cloudbk.storage.registry import open_storage
 
     storage = open_storage(settings.require_repo(), settings.storage_options())

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.lifecycle import keep_backup, load_catalog, release_backup, resolve_backup
-    from cloudbk.retention import KEEP_FULL, KEEP_STANDALONE
+    from cloudbk.lifecycle.actions import keep_backup, load_catalog, release_backup, resolve_backup
+    from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE
     from cloudbk.storage.registry import open_storage
 
     with open_storage(settings.require_repo(), settings.storage_options()) as storage:

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk import layout
-    from cloudbk.reindex import reindex
+    from cloudbk.lifecycle.reindex import reindex
+    from cloudbk.repo import layout
     from cloudbk.storage.registry import open_storage
 
     storage = open_storage(settings.require_repo(), settings.storage_options(300.0))

@@ -93,8 +93,8 @@ def restore_command(settings: Settings, repo: str) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.pitr import Target
-    from cloudbk.restore import RestoreOptions, check_destinations, prepare, restore
+    from cloudbk.backup.restore import RestoreOptions, check_destinations, prepare, restore
+    from cloudbk.repo.pitr import Target
     from cloudbk.storage.registry import open_storage
 
     repo = settings.require_repo()
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"--target-timeline {args.target_timeline!r} is not 'latest' or a timeline number")
         timeline = int(args.target_timeline)
     if args.backup is not None and args.backup != "latest":
-        from cloudbk.layout import check_backup_id
+        from cloudbk.repo.layout import check_backup_id
 
         check_backup_id(args.backup)
     options = RestoreOptions(
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _warn_beyond_reach(plan: object) -> None:
-    from cloudbk.pitr import RecoveryPlan, beyond_reach
+    from cloudbk.repo.pitr import RecoveryPlan, beyond_reach
 
     assert isinstance(plan, RecoveryPlan)
     reason = beyond_reach(plan)
@@ -164,9 +164,9 @@ def _warn_beyond_reach(plan: object) -> None:
 
 
 def format_plan(plan: object, stored_size: int, options: object) -> str:
-    from cloudbk.pitr import RecoveryPlan, format_target_time
-    from cloudbk.restore import RestoreOptions
-    from cloudbk.wal import format_lsn, segment_name
+    from cloudbk.backup.restore import RestoreOptions
+    from cloudbk.pg.walnames import format_lsn, segment_name
+    from cloudbk.repo.pitr import RecoveryPlan, format_target_time
 
     assert isinstance(plan, RecoveryPlan) and isinstance(options, RestoreOptions)
     b = plan.backup

@@ -1,12 +1,12 @@
 """``cloudbk retention (--redundancy N | --recovery-window DAYS) [--minimum-redundancy N] [--dry-run]``.
 
 Expires the backups the policy no longer needs and the WAL older than the oldest retained backup (see
-:mod:`cloudbk.retention` for the exact rules). Without a policy flag the policy comes from
+:mod:`cloudbk.lifecycle.retention` for the exact rules). Without a policy flag the policy comes from
 ``CLOUDBK_RETENTION_*`` or the ``[retention]`` table of the config file, so ``cloudbk retention`` alone works
 from cron. ``--dry-run`` lists every backup with its fate and every object that would be deleted.
 It also aborts the incomplete uploads (S3 multipart) that a killed backup-push or wal-push left under the
 server's prefix, once older than ``--stale-upload-age`` (default one day) and claimed by no running backup's
-heartbeat (:mod:`cloudbk.inflight`).
+heartbeat (:mod:`cloudbk.backup.inflight`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.cli._lifecycle import retention_policy, stale_upload_age
-    from cloudbk.lifecycle import apply_retention, describe_plan
+    from cloudbk.lifecycle.actions import apply_retention, describe_plan
+    from cloudbk.pg.walnames import segment_name
     from cloudbk.storage.registry import open_storage
-    from cloudbk.wal import segment_name
 
     policy = retention_policy(settings, args.redundancy, args.recovery_window, args.minimum_redundancy)
     with open_storage(settings.require_repo(), settings.storage_options()) as storage:

@@ -85,7 +85,7 @@ def exit_code_for(exc: CloudbkError, args: argparse.Namespace | None) -> int:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.storage.registry import open_storage
-    from cloudbk.walfetch import fetch_wal
+    from cloudbk.wal.fetch import fetch_wal
 
     with terminate_on_sigterm():
         storage = open_storage(settings.require_repo(), settings.storage_options())

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.storage.registry import open_storage
-    from cloudbk.walpush import push_wal
+    from cloudbk.wal.push import push_wal
 
     with terminate_on_sigterm():
         storage = open_storage(settings.require_repo(), settings.storage_options())

@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.lifecycle import load_catalog
+    from cloudbk.lifecycle.actions import load_catalog
+    from cloudbk.pg.walnames import segment_name
     from cloudbk.storage.registry import open_storage
-    from cloudbk.wal import segment_name
-    from cloudbk.walverify import FOREIGN, GAP, verify_deep, verify_index
+    from cloudbk.wal.verify import FOREIGN, GAP, verify_deep, verify_index
 
     with open_storage(settings.require_repo(), settings.storage_options()) as storage:
         catalog = load_catalog(storage, settings.server)

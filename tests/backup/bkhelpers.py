@@ -9,7 +9,7 @@ from pathlib import Path
 from backends import Backend
 from pgcluster import BIN_DIR, PgCluster, cloudbk, new_dir
 
-from cloudbk.index import Index, load_index
+from cloudbk.repo.index import Index, load_index
 
 
 def repo_env(backend: Backend) -> dict[str, str]:

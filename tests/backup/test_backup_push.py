@@ -6,8 +6,8 @@ from backends import Backend
 from bkhelpers import Clusters, backup_push, index_of, repo_env
 from pgcluster import PgCluster, cloudbk
 
-from cloudbk import layout
 from cloudbk.errors import ExitCode
+from cloudbk.repo import layout
 
 
 def test_backup_waits_for_wal_bounded_and_is_not_listed_without_it(file_backend: Backend, clusters: Clusters) -> None:

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from cloudbk import layout
-from cloudbk.basebackup import _Counter, _TarUpload, wait_for_wal
-from cloudbk.compression import DecompressingReader
-from cloudbk.envelope import read_header
+from cloudbk.backup.take import _Counter, _TarUpload, wait_for_wal
 from cloudbk.errors import OperationFailed, UsageError
-from cloudbk.index import Index, update_index
-from cloudbk.pgdata import scan_data_directory, scan_tablespace
+from cloudbk.pg.datadir import scan_data_directory, scan_tablespace
+from cloudbk.pg.walnames import segment_name
 from cloudbk.progress import NoProgress
+from cloudbk.repo import layout
+from cloudbk.repo.compression import DecompressingReader
+from cloudbk.repo.envelope import read_header
+from cloudbk.repo.index import Index, update_index
 from cloudbk.storage.memory import MemoryStorage
-from cloudbk.wal import segment_name
 
 
 def _touch(root: Path, rel: str, data: bytes = b"x") -> None:

@@ -10,7 +10,7 @@ from backends import Backend
 from bkhelpers import Clusters, backup_push, index_of, repo_env, scratch_dir
 from pgcluster import BIN_DIR, run_as_pg
 
-from cloudbk.wal import parse_wal_name
+from cloudbk.pg.walnames import parse_wal_name
 
 
 def test_concurrent_wal_pushes_and_a_backup_lose_no_index_entry(

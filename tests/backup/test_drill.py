@@ -20,7 +20,7 @@ from bkhelpers import (
 )
 from pgcluster import cloudbk
 
-from cloudbk.wal import lsn_segno
+from cloudbk.pg.walnames import lsn_segno
 
 
 def test_drill_point_in_time_restore(pg_backend: Backend, clusters: Clusters) -> None:

@@ -7,10 +7,10 @@ import os
 from backends import Backend
 from bkhelpers import Clusters, archive_all, index_of, new_dest, restore, take_backup
 
-from cloudbk import layout
 from cloudbk.errors import ExitCode
-from cloudbk.index import Index, update_index
-from cloudbk.wal import segment_name
+from cloudbk.pg.walnames import segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.index import Index, update_index
 
 
 def _forget(backend: Backend, segno: int) -> None:

@@ -7,14 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cloudbk import layout
+from cloudbk.backup.restore import confirm_missing
 from cloudbk.errors import IntegrityError, OperationFailed, UsageError
-from cloudbk.index import Index
-from cloudbk.manifest import FileEntry, Manifest, Tablespace, TarEntry, complete_backups, format_time
-from cloudbk.pitr import IMMEDIATE, Target, choose_backup, latest_timeline, plan_recovery, wal_after
-from cloudbk.restore import confirm_missing
+from cloudbk.pg.walnames import HistoryEntry, segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import FileEntry, Manifest, Tablespace, TarEntry, complete_backups, format_time
+from cloudbk.repo.pitr import IMMEDIATE, Target, choose_backup, latest_timeline, plan_recovery, wal_after
 from cloudbk.storage.memory import MemoryStorage
-from cloudbk.wal import HistoryEntry, segment_name
 
 SEG = 16 * 1024 * 1024
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)

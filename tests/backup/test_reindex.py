@@ -6,7 +6,7 @@ from backends import Backend
 from bkhelpers import Clusters, archive_all, index_of, new_dest, repo_env, restore, start_and_promote, take_backup
 from pgcluster import cloudbk
 
-from cloudbk import layout
+from cloudbk.repo import layout
 
 
 def test_reindex_rebuilds_what_the_objects_say(file_backend: Backend, clusters: Clusters) -> None:

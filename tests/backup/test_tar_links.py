@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from cloudbk.backup.links import RESERVED, LinkEscapes, check_links, requested_links
+from cloudbk.backup.tarextract import SafeExtractor
+from cloudbk.backup.tarstream import UnsafeMember
 from cloudbk.errors import IntegrityError, UsageError
-from cloudbk.links import RESERVED, LinkEscapes, check_links, requested_links
-from cloudbk.manifest import LinkEntry, Manifest, TarEntry
-from cloudbk.tarextract import SafeExtractor
-from cloudbk.tarstream import UnsafeMember
+from cloudbk.repo.manifest import LinkEntry, Manifest, TarEntry
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 

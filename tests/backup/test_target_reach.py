@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from synthetic import plant_backup, segment_file
 
-from cloudbk import pitr
 from cloudbk.cli.main import main
 from cloudbk.errors import ExitCode, OperationFailed
-from cloudbk.index import Index, load_index, update_index
-from cloudbk.pitr import RecoveryPlan, Target, choose_backup, format_target_time, plan_recovery
+from cloudbk.repo import pitr
+from cloudbk.repo.index import Index, load_index, update_index
+from cloudbk.repo.pitr import RecoveryPlan, Target, choose_backup, format_target_time, plan_recovery
 from cloudbk.storage.memory import MemoryStorage
-from cloudbk.walpush import push_wal
+from cloudbk.wal.push import push_wal
 
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 

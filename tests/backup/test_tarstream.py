@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cloudbk.backup.tarextract import SafeExtractor
+from cloudbk.backup.tarstream import PipeSink, TarWriter, UnsafeMember, check_member
 from cloudbk.errors import IntegrityError
-from cloudbk.manifest import FileEntry
-from cloudbk.tarextract import SafeExtractor
-from cloudbk.tarstream import PipeSink, TarWriter, UnsafeMember, check_member
+from cloudbk.repo.manifest import FileEntry
 
 
 class Buffer(io.BytesIO):

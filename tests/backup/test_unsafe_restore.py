@@ -14,13 +14,13 @@ from backends import Backend
 from bkhelpers import restore, scratch_dir
 from pgcluster import chown_to_pg
 
-from cloudbk import layout
-from cloudbk.compression import CompressingWriter
-from cloudbk.envelope import Header
+from cloudbk.backup.restore import PG_CONTROL_TMP, _finish
 from cloudbk.errors import ExitCode, OperationFailed
-from cloudbk.index import Index, update_index
-from cloudbk.manifest import FileEntry, Manifest, TarEntry, format_time
-from cloudbk.restore import PG_CONTROL_TMP, _finish
+from cloudbk.repo import layout
+from cloudbk.repo.compression import CompressingWriter
+from cloudbk.repo.envelope import Header
+from cloudbk.repo.index import Index, update_index
+from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, format_time
 
 BACKUP_ID = "20261121T090000Z"
 SEG = 16 * 1024 * 1024

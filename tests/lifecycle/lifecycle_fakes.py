@@ -12,13 +12,13 @@ import io
 import struct
 from datetime import UTC, datetime, timedelta
 
-from cloudbk import layout
-from cloudbk.compression import CompressingWriter
-from cloudbk.envelope import Header
-from cloudbk.index import Index, update_index
-from cloudbk.manifest import BackupSummary, Manifest, TarEntry, format_time
+from cloudbk.pg.walnames import HistoryEntry, history_name, segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.compression import CompressingWriter
+from cloudbk.repo.envelope import Header
+from cloudbk.repo.index import Index, update_index
+from cloudbk.repo.manifest import BackupSummary, Manifest, TarEntry, format_time
 from cloudbk.storage.base import CREATE_ONLY, Storage
-from cloudbk.wal import HistoryEntry, history_name, segment_name
 
 SEG = 1024 * 1024
 SYSID = "7300000000000000001"

@@ -12,10 +12,10 @@ from typing import Any
 from backends import Backend
 from pgcluster import PgCluster, cloudbk, new_dir
 
-from cloudbk import layout
-from cloudbk.manifest import parse_time
+from cloudbk.pg.walnames import parse_wal_name
+from cloudbk.repo import layout
+from cloudbk.repo.manifest import parse_time
 from cloudbk.storage.base import Storage
-from cloudbk.wal import parse_wal_name
 
 
 def backend_env(backend: Backend, **extra: str) -> dict[str, str]:

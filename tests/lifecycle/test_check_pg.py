@@ -11,7 +11,7 @@ from lifecycle_pg import Site
 from pgcluster import new_dir
 from services.proc import free_port
 
-from cloudbk import layout
+from cloudbk.repo import layout
 
 
 def lines(output: str) -> dict[str, str]:

@@ -8,8 +8,8 @@ import pytest
 from lifecycle_fakes import SERVER, T0, drop_from_index, make_backup, put_segments
 from services.proc import free_port
 
-from cloudbk.checks import CheckOptions, _archive_command_problem, run_checks
 from cloudbk.errors import AccessDenied
+from cloudbk.lifecycle.checks import CheckOptions, _archive_command_problem, run_checks
 from cloudbk.storage.memory import MemoryStorage
 
 

@@ -1,6 +1,6 @@
 """A damaged backup (corrupt manifest, truncated or missing data object) does not count anywhere: backup-list,
 backup-show, check, retention's redundancy and the PITR choice agree, because they all start from
-``cloudbk.catalog.load_catalog``. A manifest the storage fails to return is an error, never "not a backup".
+``cloudbk.repo.catalog.load_catalog``. A manifest the storage fails to return is an error, never "not a backup".
 And with ``index.json`` gone while backups or WAL are stored, every command says so and points to reindex."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import pytest
 from backends import Backend
 from lifecycle_fakes import SERVER, T0, TAR_BYTES, keys_under, make_backup, put_segments
 
-from cloudbk import layout
-from cloudbk.catalog import load_catalog
-from cloudbk.checks import CheckOptions, run_checks
+from cloudbk.backup.restore import RestoreOptions, prepare
 from cloudbk.cli.main import main
 from cloudbk.errors import IntegrityError, TransientError
-from cloudbk.index import Index, update_index
-from cloudbk.lifecycle import apply_retention, delete_backup
-from cloudbk.restore import RestoreOptions, prepare
-from cloudbk.retention import Policy
+from cloudbk.lifecycle.actions import apply_retention, delete_backup
+from cloudbk.lifecycle.checks import CheckOptions, run_checks
+from cloudbk.lifecycle.retention import Policy
+from cloudbk.repo import layout
+from cloudbk.repo.catalog import load_catalog
+from cloudbk.repo.index import Index, update_index
 from cloudbk.storage.base import Storage
 from cloudbk.storage.memory import MemoryStorage
 

@@ -14,9 +14,9 @@ from backends import unique_prefix
 from lifecycle_fakes import SERVER, drop_from_index, make_backup, put_segments
 from services.proc import free_port
 
-from cloudbk import layout
 from cloudbk.cli.main import main
-from cloudbk.index import load_index
+from cloudbk.repo import layout
+from cloudbk.repo.index import load_index
 from cloudbk.storage.memory import MemoryStorage
 
 

@@ -8,10 +8,8 @@ from datetime import timedelta
 import pytest
 from lifecycle_fakes import SERVER, T0, keys_under, make_backup, put_history, put_other, put_segments
 
-from cloudbk import layout
 from cloudbk.errors import OperationFailed
-from cloudbk.index import load_index, update_index
-from cloudbk.lifecycle import (
+from cloudbk.lifecycle.actions import (
     apply_retention,
     delete_backup,
     keep_backup,
@@ -19,9 +17,11 @@ from cloudbk.lifecycle import (
     read_keep_marks,
     release_backup,
 )
-from cloudbk.retention import KEEP_FULL, KEEP_STANDALONE, Policy
+from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE, Policy
+from cloudbk.pg.walnames import segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.index import load_index, update_index
 from cloudbk.storage.memory import MemoryStorage
-from cloudbk.wal import segment_name
 
 
 def five_backups(storage: MemoryStorage) -> list[str]:
@@ -173,7 +173,7 @@ def test_keep_mark_protects_even_when_the_index_lost_it() -> None:
     keep_backup(storage, SERVER, ids[0])
 
     def forget(index: object) -> bool:  # what an index rebuilt without the marks looks like
-        from cloudbk.index import Index
+        from cloudbk.repo.index import Index
 
         assert isinstance(index, Index)
         index.backups[ids[0]].pop("keep", None)
@@ -187,7 +187,7 @@ def test_keep_mark_protects_even_when_the_index_lost_it() -> None:
 
 
 def test_keep_mark_survives_reindex() -> None:
-    from cloudbk.reindex import reindex
+    from cloudbk.lifecycle.reindex import reindex
 
     storage = MemoryStorage()
     ids = five_backups(storage)

@@ -13,11 +13,11 @@ import pytest
 from backends import Backend, unique_prefix
 from lifecycle_fakes import SEG, SERVER, T0, make_backup, put_segments
 
-from cloudbk import layout
 from cloudbk.cli.main import main
 from cloudbk.errors import IntegrityError
-from cloudbk.index import Index, UnreadableIndex, load_index, update_index
-from cloudbk.reindex import reindex
+from cloudbk.lifecycle.reindex import reindex
+from cloudbk.repo import layout
+from cloudbk.repo.index import Index, UnreadableIndex, load_index, update_index
 from cloudbk.storage.base import OVERWRITE, IfVersion, ObjectInfo, Storage, WriteMode
 from cloudbk.storage.memory import MemoryStorage
 

@@ -21,9 +21,9 @@ from backends import Backend, selected, unique_prefix
 from lifecycle_pg import Site, all_keys, end_time, summary, wal_segno
 from pgcluster import PG_USER, new_dir
 
-from cloudbk import layout
-from cloudbk.manifest import Manifest, format_time, parse_time
-from cloudbk.wal import parse_lsn
+from cloudbk.pg.walnames import parse_lsn
+from cloudbk.repo import layout
+from cloudbk.repo.manifest import Manifest, format_time, parse_time
 
 SERVER = "main"
 

@@ -8,9 +8,7 @@ import pytest
 from lifecycle_fakes import SEG, SYSID, T0, lsn
 
 from cloudbk.errors import UsageError
-from cloudbk.index import Index
-from cloudbk.manifest import BackupSummary, format_time
-from cloudbk.retention import (
+from cloudbk.lifecycle.retention import (
     KEEP_FULL,
     KEEP_STANDALONE,
     Policy,
@@ -18,7 +16,9 @@ from cloudbk.retention import (
     parse_window,
     plan_retention,
 )
-from cloudbk.wal import segment_name
+from cloudbk.pg.walnames import segment_name
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import BackupSummary, format_time
 
 
 def backup(backup_id: str, begin: int, end: int, hours: float, timeline: int = 1) -> BackupSummary:

@@ -18,12 +18,12 @@ from lifecycle_fakes import (
     wal_object,
 )
 
-from cloudbk import layout
-from cloudbk.index import Index, load_index, update_index
-from cloudbk.lifecycle import load_catalog
+from cloudbk.lifecycle.actions import load_catalog
+from cloudbk.pg.walnames import HistoryEntry, segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.storage.memory import MemoryStorage
-from cloudbk.wal import HistoryEntry, segment_name
-from cloudbk.walverify import CORRUPT, FOREIGN, GAP, HISTORY_PROBLEM, verify_deep, verify_index
+from cloudbk.wal.verify import CORRUPT, FOREIGN, GAP, HISTORY_PROBLEM, verify_deep, verify_index
 
 
 def verify(storage: MemoryStorage, deep: bool = False):  # type: ignore[no-untyped-def]

@@ -10,9 +10,9 @@ from lifecycle_fakes import wal_object
 from lifecycle_pg import Site, summary
 from pgcluster import PG_BIN, PG_USER, new_dir, run_as_pg
 
-from cloudbk import layout
-from cloudbk.index import load_index
-from cloudbk.wal import parse_lsn, parse_segment_header, segment_name
+from cloudbk.pg.walnames import parse_lsn, parse_segment_header, segment_name
+from cloudbk.repo import layout
+from cloudbk.repo.index import load_index
 
 
 def test_wal_verify_reports_a_gap_and_a_foreign_segment() -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudbk import layout, wal
-from cloudbk.compression import ALGORITHMS, CompressingWriter, DecompressingReader
 from cloudbk.config import resolve
-from cloudbk.envelope import Header, read_header
 from cloudbk.errors import IntegrityError, UsageError
-from cloudbk.index import Index, gaps, load_index, update_index
+from cloudbk.pg import walnames as wal
+from cloudbk.repo import layout
+from cloudbk.repo.compression import ALGORITHMS, CompressingWriter, DecompressingReader
+from cloudbk.repo.envelope import Header, read_header
+from cloudbk.repo.index import Index, gaps, load_index, update_index
 from cloudbk.storage.base import check_key
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.registry import parse_url
@@ -164,7 +165,7 @@ def test_localstack_compose_file_parses() -> None:
 
 
 def test_newer_formats_are_refused_with_a_hint_to_upgrade() -> None:
-    from cloudbk.manifest import Manifest
+    from cloudbk.repo.manifest import Manifest
 
     newer = Header(kind="wal", name="000000010000000000000001", compression="none", format_version=99)
     with pytest.raises(IntegrityError) as info:

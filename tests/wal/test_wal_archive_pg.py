@@ -9,10 +9,10 @@ from backends import Backend
 from pgcluster import PgCluster, run_as_pg
 from walhelpers import cloudbk_env
 
-from cloudbk import layout
-from cloudbk.index import load_index
-from cloudbk.wal import parse_wal_name
-from cloudbk.walfetch import fetch_wal
+from cloudbk.pg.walnames import parse_wal_name
+from cloudbk.repo import layout
+from cloudbk.repo.index import load_index
+from cloudbk.wal.fetch import fetch_wal
 
 SWITCHES = 20
 

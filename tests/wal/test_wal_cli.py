@@ -16,9 +16,9 @@ from backends import NETWORK_BACKENDS, Backend, selected
 from pgcluster import BIN_DIR, chown_to_pg, run_as_pg
 from walhelpers import cloudbk_env, segment_bytes, write_segment
 
-from cloudbk import layout
 from cloudbk.errors import ExitCode
-from cloudbk.index import load_index
+from cloudbk.repo import layout
+from cloudbk.repo.index import load_index
 
 SEG3 = "000000010000000000000003"
 

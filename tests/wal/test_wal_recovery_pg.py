@@ -18,7 +18,7 @@ from pathlib import Path
 from pgcluster import PG_BIN, PgCluster, new_dir, run_as_pg
 from walhelpers import Outage, cloudbk_env
 
-from cloudbk.index import load_index
+from cloudbk.repo.index import load_index
 
 SEGMENTS_AFTER_BACKUP = 6
 PROBE_DEADLINE = "0.5"  # the probes below only need to see the outage, not wait it out

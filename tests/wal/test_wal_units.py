@@ -11,11 +11,8 @@ import pytest
 from backends import unique_prefix
 from walhelpers import SYSID, segment_bytes, write_file, write_segment
 
-from cloudbk import layout
 from cloudbk.cli import wal_fetch
 from cloudbk.cli.main import main
-from cloudbk.compression import ALGORITHMS
-from cloudbk.envelope import Header
 from cloudbk.errors import (
     AccessDenied,
     ConflictError,
@@ -27,13 +24,16 @@ from cloudbk.errors import (
     TransientError,
     UsageError,
 )
-from cloudbk.index import load_index
+from cloudbk.pg.walnames import parse_lsn
+from cloudbk.repo import layout
+from cloudbk.repo.compression import ALGORITHMS
+from cloudbk.repo.envelope import Header
+from cloudbk.repo.index import load_index
 from cloudbk.storage.base import Storage
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.registry import StorageOptions, open_storage
-from cloudbk.wal import parse_lsn
-from cloudbk.walfetch import ArchiveNotConfigured, fetch_wal, read_verified
-from cloudbk.walpush import IndexUpdateFailed, push_wal
+from cloudbk.wal.fetch import ArchiveNotConfigured, fetch_wal, read_verified
+from cloudbk.wal.push import IndexUpdateFailed, push_wal
 
 SERVER = "main"
 SEG3 = "000000010000000000000003"

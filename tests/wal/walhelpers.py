@@ -11,7 +11,7 @@ from pathlib import Path
 from backends import Backend
 from services.proxy import TcpProxy
 
-from cloudbk import wal
+from cloudbk.pg import walnames as wal
 
 SEGMENT_SIZE = wal.DEFAULT_SEGMENT_SIZE
 SYSID = 7312345678901234567

@@ -20,14 +20,8 @@ import concurrent.futures as cf
 import logging
 from dataclasses import dataclass, field
 
-from cloudbk import layout
-from cloudbk.compression import DecompressingReader
-from cloudbk.envelope import read_header
 from cloudbk.errors import IntegrityError, NotFound, UsageError
-from cloudbk.index import Index, UnreadableIndex, load_index, update_index
-from cloudbk.manifest import CorruptManifest, Manifest
-from cloudbk.storage.base import Storage
-from cloudbk.wal import (
+from cloudbk.pg.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY,
     SEGMENT,
@@ -37,9 +31,15 @@ from cloudbk.wal import (
     parse_wal_name,
     segment_name,
 )
-from cloudbk.walfetch import read_verified
+from cloudbk.repo import layout
+from cloudbk.repo.compression import DecompressingReader
+from cloudbk.repo.envelope import read_header
+from cloudbk.repo.index import Index, UnreadableIndex, load_index, update_index
+from cloudbk.repo.manifest import CorruptManifest, Manifest
+from cloudbk.storage.base import Storage
+from cloudbk.wal.fetch import read_verified
 
-log = logging.getLogger("cloudbk.reindex")
+log = logging.getLogger("cloudbk.lifecycle.reindex")
 
 STAT_THREADS = 8
 
@@ -105,8 +105,8 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
         new.system_identifier = new.system_identifier or m.system_identifier
         new.wal_segment_size = new.wal_segment_size or m.wal_segment_size
     # the index mirrors keep marks; the marks themselves are what protects a backup from retention
-    from cloudbk.lifecycle import read_keep_mark
-    from cloudbk.retention import KEEP_FULL
+    from cloudbk.lifecycle.actions import read_keep_mark
+    from cloudbk.lifecycle.retention import KEEP_FULL
 
     for backup_id in kept:
         if backup_id in new.backups:

@@ -28,9 +28,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from cloudbk import layout
-from cloudbk.compression import CompressingWriter
-from cloudbk.envelope import Header
 from cloudbk.errors import (
     AlreadyExists,
     CloudbkError,
@@ -39,9 +36,7 @@ from cloudbk.errors import (
     OperationFailed,
     UsageError,
 )
-from cloudbk.index import Index, load_index, update_index
-from cloudbk.storage.base import CREATE_ONLY, Storage
-from cloudbk.wal import (
+from cloudbk.pg.walnames import (
     BACKUP_LABEL,
     HISTORY,
     PARTIAL,
@@ -53,9 +48,14 @@ from cloudbk.wal import (
     parse_segment_header,
     parse_wal_name,
 )
-from cloudbk.walfetch import HEADER_KIND, read_verified
+from cloudbk.repo import layout
+from cloudbk.repo.compression import CompressingWriter
+from cloudbk.repo.envelope import Header
+from cloudbk.repo.index import Index, load_index, update_index
+from cloudbk.storage.base import CREATE_ONLY, Storage
+from cloudbk.wal.fetch import HEADER_KIND, read_verified
 
-log = logging.getLogger("cloudbk.walpush")
+log = logging.getLogger("cloudbk.wal.push")
 
 _CHUNK = 1024 * 1024
 _CONFLICT_CAUSES = (

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cloudbk import layout
 from cloudbk.errors import (
     AlreadyExists,
     IntegrityError,
@@ -25,8 +24,9 @@ from cloudbk.errors import (
     StorageError,
     refuse_newer_format,
 )
+from cloudbk.pg.walnames import HistoryEntry, format_lsn, parse_lsn
+from cloudbk.repo import layout
 from cloudbk.storage.base import CREATE_ONLY, IfVersion, Storage
-from cloudbk.wal import HistoryEntry, format_lsn, parse_lsn
 
 INDEX_FORMAT_VERSION = 1
 CAS_DEADLINE = 120.0  # seconds of conflicts before giving up; each round trip is one read + one write
@@ -104,7 +104,7 @@ class Index:
     histories: dict[int, list[HistoryEntry]] = field(default_factory=dict)
     #: other archived files by name: .partial, .backup labels (history files are in ``histories``)
     other_files: list[str] = field(default_factory=list)
-    #: backup id -> summary of its manifest (see cloudbk.manifest)
+    #: backup id -> summary of its manifest (see cloudbk.repo.manifest)
     backups: dict[str, dict[str, Any]] = field(default_factory=dict)
     updated_at: str = ""
     format_version: int = INDEX_FORMAT_VERSION

@@ -29,14 +29,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk import layout
 from cloudbk.errors import IntegrityError, NotFound, OperationFailed
-from cloudbk.index import Index
-from cloudbk.manifest import STATUS_COMPLETE, BackupSummary, CorruptManifest, Manifest
-from cloudbk.retention import KEEP_FULL, KEEP_MODES, order_backups
+from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_MODES, order_backups
+from cloudbk.repo import layout
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, CorruptManifest, Manifest
 from cloudbk.storage.base import ObjectInfo, Storage
 
-log = logging.getLogger("cloudbk.catalog")
+log = logging.getLogger("cloudbk.repo.catalog")
 
 REINDEX_HINT = "run `cloudbk reindex` to rebuild the index from the objects"
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from cloudbk.errors import IntegrityError, refuse_newer_format
-from cloudbk.wal import format_lsn, parse_lsn
+from cloudbk.pg.walnames import format_lsn, parse_lsn
 
 MANIFEST_FORMAT_VERSION = 1
 STATUS_COMPLETE = "complete"

@@ -3,7 +3,7 @@
 Checks, in order (a check that cannot run because an earlier one failed is left out, not reported as OK):
 
 - ``repository``: the index can be read (the storage answers, the index parses), and the backups prefix can be
-  listed with every manifest that needs reading (:func:`cloudbk.catalog.load_catalog`); a missing index while
+  listed with every manifest that needs reading (:func:`cloudbk.repo.catalog.load_catalog`); a missing index while
   backups or WAL are stored fails with a hint to run ``cloudbk reindex``.
 - ``repository writable``: a probe object is created (create-only) and deleted again.
 - ``PostgreSQL``: a connection succeeds (``--dbname`` or the libpq environment).
@@ -17,7 +17,7 @@ Checks, in order (a check that cannot run because an earlier one failed is left 
   archives nothing for hours.
 - ``system identifier``: the server's equals the repository's.
 - ``WAL continuity``: no gap in the WAL from the oldest backup to the newest segment, on any timeline, and
-  consistent timeline histories (:func:`cloudbk.walverify.verify_index`, index only).
+  consistent timeline histories (:func:`cloudbk.wal.verify.verify_index`, index only).
 - ``backup objects``: no backup is damaged: every manifest is sound and every data object is listed with the
   stored size its manifest gives (from the one LIST above; re-reading the bytes is ``verify``'s job). Damaged
   backups are named, and not counted by the checks below.
@@ -35,15 +35,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cloudbk import layout
-from cloudbk.catalog import Catalog
 from cloudbk.errors import CloudbkError
-from cloudbk.index import Index
-from cloudbk.manifest import parse_time
-from cloudbk.pgconn import PgConnection
-from cloudbk.retention import DEFAULT_MINIMUM_REDUNDANCY
+from cloudbk.lifecycle.retention import DEFAULT_MINIMUM_REDUNDANCY
+from cloudbk.pg.conn import PgConnection
+from cloudbk.pg.walnames import SEGMENT, parse_wal_name
+from cloudbk.repo import layout
+from cloudbk.repo.catalog import Catalog
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import parse_time
 from cloudbk.storage.base import CREATE_ONLY, Storage
-from cloudbk.wal import SEGMENT, parse_wal_name
 
 DEFAULT_MAX_BACKUP_AGE = timedelta(hours=36)  # a daily backup, plus slack for one that runs long
 DEFAULT_MAX_WAL_LAG = 16  # segments waiting to be archived before the archiver counts as stuck
@@ -327,7 +327,7 @@ def _check_last_archived(
 
 def _check_repository(report: CheckReport, storage: Storage, options: CheckOptions) -> Catalog | None:
     """The ``repository`` and ``repository writable`` checks; the catalog when the repository can be read."""
-    from cloudbk.catalog import load_catalog
+    from cloudbk.repo.catalog import load_catalog
 
     try:
         catalog = load_catalog(storage, options.server)
@@ -356,7 +356,7 @@ def _check_repository(report: CheckReport, storage: Storage, options: CheckOptio
 
 def _check_backup_objects(report: CheckReport, catalog: Catalog) -> None:
     """Damaged backups (corrupt manifest, data object missing or not the size the manifest gives), by name."""
-    from cloudbk.catalog import damaged_hint
+    from cloudbk.repo.catalog import damaged_hint
 
     damaged = sorted(catalog.damaged.items())
     if not damaged:
@@ -374,7 +374,7 @@ def run_checks(
     storage: Storage | None, options: CheckOptions, connect: Connect = CheckConnection, postgres: bool = True
 ) -> CheckReport:
     """Run every check; ``storage`` None means it could not even be opened (reported as unreachable)."""
-    from cloudbk.walverify import GAP, verify_index
+    from cloudbk.wal.verify import GAP, verify_index
 
     now = options.now or datetime.now(UTC)
     report = CheckReport(options.server)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cloudbk.errors import OperationFailed, UsageError
 
-log = logging.getLogger("cloudbk.pgdata")
+log = logging.getLogger("cloudbk.pg.datadir")
 
 PG_CONTROL = "global/pg_control"
 BACKUP_LABEL = "backup_label"

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cloudbk.errors import OperationFailed, UsageError
-from cloudbk.index import Index
-from cloudbk.manifest import BackupSummary, complete_backups, parse_time
-from cloudbk.wal import format_lsn, history_name, lsn_segno, parse_lsn, segment_name
+from cloudbk.pg.walnames import format_lsn, history_name, lsn_segno, parse_lsn, segment_name
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import BackupSummary, complete_backups, parse_time
 
 END, TIME, LSN, XID, NAME, IMMEDIATE = "end", "time", "lsn", "xid", "name", "immediate"
 ACTIONS = ("promote", "pause", "shutdown")
@@ -237,7 +237,7 @@ def choose_backup(
 ) -> BackupSummary:
     """The backup to restore: ``backup_id`` ('latest' or an id) checked against the target, or the newest
     backup that can reach it. ``backups`` are the ones to choose from, oldest first (restore passes those
-    :func:`cloudbk.catalog.load_catalog` found sound); by default the index's complete ones."""
+    :func:`cloudbk.repo.catalog.load_catalog` found sound); by default the index's complete ones."""
     tli = target_timeline or latest_timeline(index)
     path = timeline_path(index, tli)
     backups = complete_backups(index.backups) if backups is None else list(backups)

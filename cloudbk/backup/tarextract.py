@@ -3,7 +3,7 @@
 Members are checked before anything is written: absolute names, ``..``, devices and FIFOs are refused, a
 name appearing twice is refused, and nothing is ever written through a symbolic link: symbolic link members
 are created only after every other member is written, and only when they resolve, through each other, to a
-place inside the destination (the link policy is :mod:`cloudbk.links`). Regular files are checked against
+place inside the destination (the link policy is :mod:`cloudbk.backup.links`). Regular files are checked against
 the expected size and SHA-256 as they are written. Memory is one chunk, whatever the stream size.
 """
 
@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from cloudbk.backup.links import LinkEscapes, check_links
+from cloudbk.backup.tarstream import CHUNK, UnsafeMember, check_member, safe_relpath
 from cloudbk.errors import IntegrityError
-from cloudbk.links import LinkEscapes, check_links
-from cloudbk.manifest import FileEntry
-from cloudbk.tarstream import CHUNK, UnsafeMember, check_member, safe_relpath
+from cloudbk.repo.manifest import FileEntry
 
 
 @dataclass

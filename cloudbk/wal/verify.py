@@ -25,12 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk import layout
 from cloudbk.errors import CloudbkError, NotFound, UsageError
-from cloudbk.index import Index, Ranges
-from cloudbk.manifest import BackupSummary
-from cloudbk.storage.base import Storage
-from cloudbk.wal import (
+from cloudbk.pg.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY,
     PARTIAL,
@@ -42,6 +38,10 @@ from cloudbk.wal import (
     parse_wal_name,
     segment_name,
 )
+from cloudbk.repo import layout
+from cloudbk.repo.index import Index, Ranges
+from cloudbk.repo.manifest import BackupSummary
+from cloudbk.storage.base import Storage
 
 GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM = "gap", "foreign", "corrupt", "history"
 DEEP_WORKERS = 8
@@ -180,7 +180,7 @@ def required_ranges(
 ) -> tuple[dict[int, Ranges], set[int]]:
     """Per timeline, the segments a recovery needs from the oldest backup on each timeline's path to the newest
     segment archived on it (the plan ``cloudbk restore`` would make); and the timelines some backup reaches."""
-    from cloudbk.pitr import Target, on_path, plan_recovery, timeline_path
+    from cloudbk.repo.pitr import Target, on_path, plan_recovery, timeline_path
 
     required: dict[int, Ranges] = {}
     reachable: set[int] = set()
@@ -268,7 +268,7 @@ class _FirstBytes:
 
 
 def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -> list[Problem]:
-    from cloudbk.walfetch import read_verified
+    from cloudbk.wal.fetch import read_verified
 
     name = layout.wal_name_from_key(key)
     wal = parse_wal_name(name)

@@ -1,6 +1,6 @@
 """The symbolic-link policy shared by backup and restore (docs/backup.md, "Symbolic links").
 
-Backup (:mod:`cloudbk.pgdata`, :mod:`cloudbk.basebackup`): links under ``pg_tblspc/`` are tablespaces and are
+Backup (:mod:`cloudbk.pg.datadir`, :mod:`cloudbk.backup.take`): links under ``pg_tblspc/`` are tablespaces and are
 recreated from ``tablespace_map``; every other link is followed, its content stored under the link's own
 name (a directory's content with the usual exclusions: ``pg_wal`` stays empty), and the link is recorded in
 the manifest (``tars[].links``). The tar itself holds no link.
@@ -24,9 +24,9 @@ import posixpath
 from collections.abc import Mapping
 
 from cloudbk.errors import UsageError
-from cloudbk.manifest import LinkEntry, TarEntry
+from cloudbk.repo.manifest import LinkEntry, TarEntry
 
-log = logging.getLogger("cloudbk.restore")
+log = logging.getLogger("cloudbk.backup.restore")
 
 MAX_HOPS = 40  # as the kernel's ELOOP limit: a chain longer than this is a loop
 

@@ -6,7 +6,7 @@ with zeros and one that grows is cut at that size, as PostgreSQL allows during a
 rewrites every block changed after the backup started). Each file's SHA-256 is of the bytes in the tar.
 
 Checking: ``check_member`` refuses, from its header alone, a member a backup never holds (absolute names,
-``..``, links whose text points outside, devices, FIFOs); :mod:`cloudbk.tarextract` extracts with it.
+``..``, links whose text points outside, devices, FIFOs); :mod:`cloudbk.backup.tarextract` extracts with it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cloudbk.errors import IntegrityError
-from cloudbk.manifest import FileEntry
+from cloudbk.repo.manifest import FileEntry
 
 BLOCK = 512
 CHUNK = 1024 * 1024

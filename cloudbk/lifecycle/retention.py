@@ -1,6 +1,6 @@
 """Retention policies, as a pure planner: (backups, keep marks, WAL index, policy, now) -> what goes.
 
-No I/O here: :mod:`cloudbk.lifecycle` gathers the inputs from the repository and carries the plan out.
+No I/O here: :mod:`cloudbk.lifecycle.actions` gathers the inputs from the repository and carries the plan out.
 
 The rules (SPEC §3 rule 6; the policies are Barman's, so DBAs know what to expect):
 
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cloudbk.errors import UsageError
-from cloudbk.index import Index, Ranges, gaps
-from cloudbk.manifest import BackupSummary, parse_time
-from cloudbk.wal import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name, segment_name
+from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name, segment_name
+from cloudbk.repo.index import Index, Ranges, gaps
+from cloudbk.repo.manifest import BackupSummary, parse_time
 
 KEEP_FULL = "full"
 KEEP_STANDALONE = "standalone"

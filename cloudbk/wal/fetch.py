@@ -32,14 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloudbk import layout
-from cloudbk.compression import READ_CHUNK, DecompressingReader
-from cloudbk.envelope import Header, read_header
 from cloudbk.errors import CloudbkError, ExitCode, IntegrityError, NotFound, UsageError
+from cloudbk.pg.walnames import parse_wal_name
+from cloudbk.repo import layout
+from cloudbk.repo.compression import READ_CHUNK, DecompressingReader
+from cloudbk.repo.envelope import Header, read_header
 from cloudbk.storage.base import ObjectReader, Storage
-from cloudbk.wal import parse_wal_name
 
-log = logging.getLogger("cloudbk.walfetch")
+log = logging.getLogger("cloudbk.wal.fetch")
 
 #: the ``kind`` of every WAL object's envelope header
 HEADER_KIND = "wal"

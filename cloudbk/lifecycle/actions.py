@@ -1,6 +1,6 @@
 """Keeping a repository healthy: keep marks, deleting one backup, and carrying out a retention plan.
 
-What exists is decided by the objects, not by the index (a cache), in :mod:`cloudbk.catalog`: a backup
+What exists is decided by the objects, not by the index (a cache), in :mod:`cloudbk.repo.catalog`: a backup
 exists while its manifest does (and counts while it is sound), and it is kept while its keep mark
 (``<server>/backups/<id>/keep.json``) does. The index mirrors the keep mark as ``"keep": "full"|"standalone"``
 in the backup's summary, for listing; the mark is what protects, so a rebuilt or stale index never exposes a
@@ -21,19 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cloudbk import layout
-
-# what exists is decided in cloudbk.catalog; re-exported, as callers know these names from here
-from cloudbk.catalog import Catalog as Catalog
-from cloudbk.catalog import load_catalog as load_catalog
-from cloudbk.catalog import read_keep_mark as read_keep_mark
-from cloudbk.catalog import read_keep_marks as read_keep_marks
-from cloudbk.catalog import resolve_backup as resolve_backup
+from cloudbk.backup.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
 from cloudbk.errors import OperationFailed, UsageError
-from cloudbk.index import Index, gaps, update_index
-from cloudbk.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
-from cloudbk.manifest import BackupSummary, format_time
-from cloudbk.retention import (
+from cloudbk.lifecycle.retention import (
     DEFAULT_MINIMUM_REDUNDANCY,
     KEEP_FULL,
     KEEP_MODES,
@@ -41,10 +31,20 @@ from cloudbk.retention import (
     RetentionPlan,
     plan_retention,
 )
-from cloudbk.storage.base import Storage, UploadInfo
-from cloudbk.wal import HISTORY, parse_wal_name
+from cloudbk.pg.walnames import HISTORY, parse_wal_name
+from cloudbk.repo import layout
 
-log = logging.getLogger("cloudbk.lifecycle")
+# what exists is decided in cloudbk.repo.catalog; re-exported, as callers know these names from here
+from cloudbk.repo.catalog import Catalog as Catalog
+from cloudbk.repo.catalog import load_catalog as load_catalog
+from cloudbk.repo.catalog import read_keep_mark as read_keep_mark
+from cloudbk.repo.catalog import read_keep_marks as read_keep_marks
+from cloudbk.repo.catalog import resolve_backup as resolve_backup
+from cloudbk.repo.index import Index, gaps, update_index
+from cloudbk.repo.manifest import BackupSummary, format_time
+from cloudbk.storage.base import Storage, UploadInfo
+
+log = logging.getLogger("cloudbk.lifecycle.actions")
 
 KEEP_FORMAT_VERSION = 1
 
@@ -216,7 +216,7 @@ class RetentionResult:
     #: backup id -> its object keys that go (or went); expired backups and vanished ones
     backup_keys: dict[str, list[str]]
     dry_run: bool
-    #: incomplete uploads a killed backup-push or wal-push left, aborted (or to be); see cloudbk.inflight
+    #: incomplete uploads a killed backup-push or wal-push left, aborted (or to be); see cloudbk.backup.inflight
     stale_uploads: list[UploadInfo] = field(default_factory=list)
 
 
@@ -271,8 +271,8 @@ def apply_retention(
     dry_run: bool = False,
     stale_upload_age: timedelta = DEFAULT_STALE_UPLOAD_AGE,
 ) -> RetentionResult:
-    """Expire what ``policy`` says may go (see :mod:`cloudbk.retention`) and abort the incomplete uploads no
-    running backup claims that are older than ``stale_upload_age`` (:mod:`cloudbk.inflight`); with
+    """Expire what ``policy`` says may go (see :mod:`cloudbk.lifecycle.retention`) and abort the incomplete uploads no
+    running backup claims that are older than ``stale_upload_age`` (:mod:`cloudbk.backup.inflight`); with
     ``dry_run`` only report it."""
     now = now or datetime.now(UTC)
     stale = find_stale_uploads(storage, server, now, stale_upload_age)

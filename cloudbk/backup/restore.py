@@ -1,11 +1,11 @@
 """The ``restore`` use case: plan, check, extract with verification, configure recovery.
 
-1. ``prepare``: the index -> the backup and the WAL plan (:mod:`cloudbk.pitr`); segments and history files
+1. ``prepare``: the index -> the backup and the WAL plan (:mod:`cloudbk.repo.pitr`); segments and history files
    the index does not list are looked up with a ``stat`` of their exact keys (the index may lag behind an
    object) before they count as missing; the manifest is read.
 2. ``restore``: refuses a manifest without ``global/pg_control``, a non-empty or unwritable destination (and
-   tablespace directories, and link targets asked for: :mod:`cloudbk.links`), then extracts each tar stream
-   (in parallel threads) through :class:`cloudbk.tarextract.SafeExtractor`, checking every file against the
+   tablespace directories, and link targets asked for: :mod:`cloudbk.backup.links`), then extracts each tar stream
+   (in parallel threads) through :class:`cloudbk.backup.tarextract.SafeExtractor`, checking every file against the
    manifest and each stream against its SHA-256.
 3. The tablespaces are pointed at their (mapped) directories through ``tablespace_map`` and ``pg_tblspc``;
    the recovery settings in ``postgresql.auto.conf`` and ``recovery.signal`` make ``pg_ctl start`` recover.
@@ -25,22 +25,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from cloudbk import layout
-from cloudbk.catalog import load_catalog, refuse_damaged
-from cloudbk.compression import DecompressingReader
-from cloudbk.envelope import read_header
+from cloudbk.backup.links import RESERVED, requested_links
+from cloudbk.backup.tarextract import SafeExtractor
 from cloudbk.errors import CloudbkError, IntegrityError, NotFound, OperationFailed, UsageError
-from cloudbk.index import Index
-from cloudbk.links import RESERVED, requested_links
-from cloudbk.manifest import BASE_TAR, Manifest, TarEntry
-from cloudbk.pgdata import PG_CONTROL, TABLESPACE_MAP
-from cloudbk.pitr import RecoveryPlan, Stretch, Target, check_reach, choose_backup, plan_recovery
+from cloudbk.pg.datadir import PG_CONTROL, TABLESPACE_MAP
+from cloudbk.pg.walnames import history_name, segment_name
 from cloudbk.progress import NoProgress, Progress
+from cloudbk.repo import layout
+from cloudbk.repo.catalog import load_catalog, refuse_damaged
+from cloudbk.repo.compression import DecompressingReader
+from cloudbk.repo.envelope import read_header
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import BASE_TAR, Manifest, TarEntry
+from cloudbk.repo.pitr import RecoveryPlan, Stretch, Target, check_reach, choose_backup, plan_recovery
 from cloudbk.storage.base import Storage
-from cloudbk.tarextract import SafeExtractor
-from cloudbk.wal import history_name, segment_name
 
-log = logging.getLogger("cloudbk.restore")
+log = logging.getLogger("cloudbk.backup.restore")
 
 PG_CONTROL_TMP = PG_CONTROL + ".cloudbk-restore"
 MAX_STATS = 2000  # exact-key lookups before refusing a plan; more means the index is stale: reindex

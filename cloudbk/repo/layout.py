@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from cloudbk.errors import UsageError
-from cloudbk.wal import HISTORY, WalName, parse_wal_name
+from cloudbk.pg.walnames import HISTORY, WalName, parse_wal_name
 
 _SERVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z?[A-Za-z0-9._-]*$")

@@ -1,0 +1,1 @@
+"""Base backup use cases: take a backup (tar streams), restore one (safe extraction, links, recovery settings)."""

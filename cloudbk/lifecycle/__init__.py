@@ -1,0 +1,1 @@
+"""Keeping a repository healthy: retention, delete and keep, check, reindex."""

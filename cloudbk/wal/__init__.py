@@ -1,0 +1,1 @@
+"""WAL use cases: push (archive_command), fetch (restore_command), verify."""
