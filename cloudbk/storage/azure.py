@@ -45,6 +45,7 @@ from cloudbk.storage.base import (
     check_key,
     check_prefix,
 )
+from cloudbk.storage.deadline import WatchedBody, request_timeout
 from cloudbk.storage.parts import PartWriter
 
 if TYPE_CHECKING:
@@ -132,6 +133,29 @@ def _account_from_endpoint(endpoint: str) -> str | None:
     return host.split(".")[0] if ".blob." in host else None
 
 
+def _limit_waits(request: Any) -> None:
+    """Each wait of a request (connect, each socket read) at most the time left to the current deadline.
+
+    azure-core's transport takes ``connection_timeout`` / ``read_timeout`` per request from the request's
+    options, which this hook (called for every request) sets.
+    """
+    options = request.context.options
+    options["connection_timeout"] = request_timeout(CONNECT_TIMEOUT)
+    options["read_timeout"] = request_timeout(READ_TIMEOUT)
+
+
+def _watch_body(response: Any) -> None:
+    """A streamed response body read one socket read at a time, bounded by the current watch.
+
+    The downloader reads a whole chunk with buffered reads of the urllib3 response (``raw``) before handing it
+    over; standing a WatchedBody in its place gets control back after every socket read.
+    """
+    internal = getattr(response.http_response, "internal_response", None)
+    raw = getattr(internal, "raw", None)
+    if internal is not None and hasattr(raw, "read1") and not isinstance(raw, WatchedBody):
+        internal.raw = WatchedBody(raw, READ_TIMEOUT)
+
+
 def _build_client(options: StorageOptions) -> Any:
     """A BlobServiceClient from ``options.environ`` (SPEC §1: connection string, key, SAS, Azure AD)."""
     from azure.storage.blob import BlobServiceClient
@@ -149,6 +173,8 @@ def _build_client(options: StorageOptions) -> Any:
         "read_timeout": READ_TIMEOUT,
         "max_single_get_size": FIRST_GET_SIZE,
         "max_chunk_get_size": READ_CHUNK_SIZE,
+        "raw_request_hook": _limit_waits,
+        "raw_response_hook": _watch_body,
     }
     endpoint = options.endpoint_url
     connection_string = env("AZURE_STORAGE_CONNECTION_STRING")

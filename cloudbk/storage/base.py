@@ -26,6 +26,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -176,6 +177,10 @@ class Storage(ABC):
     def close(self) -> None:
         """Release clients and connections."""
         return None
+
+    def whole_call(self) -> AbstractContextManager[object]:
+        """A block in which one deadline bounds every operation (the retry layer's; a bare driver has none)."""
+        return nullcontext()
 
     # -- conveniences built on the required operations --------------------------------------------------
 

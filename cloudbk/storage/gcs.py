@@ -56,6 +56,7 @@ from cloudbk.storage.base import (
     check_key,
     check_prefix,
 )
+from cloudbk.storage.deadline import WatchedBody, request_timeout
 from cloudbk.storage.parts import PartWriter
 
 if TYPE_CHECKING:
@@ -168,7 +169,9 @@ class GCSStorage(Storage):
     def _request(self, method: str, url: str, what: str, key: str | None, **kwargs: Any) -> requests.Response:
         """Send one request; failing to get an answer raises. The status is the caller's to judge."""
         try:
-            return self._session.request(method, url, timeout=self.timeout, allow_redirects=False, **kwargs)
+            connect, read = self.timeout  # each wait at most the time left to the current deadline
+            timeout = (request_timeout(connect), request_timeout(read))
+            return self._session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs)
         except Exception as exc:
             cls = _transport_error_class(exc)
             if cls is None:
@@ -259,11 +262,14 @@ class GCSStorage(Storage):
 
     def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
         """One GET: the bytes and the generation they belong to (``x-goog-generation``)."""
-        resp = self._download(key, 0, None, stream=False)
+        resp = self._download(key, 0, None, stream=True)
         generation = resp.headers.get("x-goog-generation") if resp is not None else None
         if resp is None or not generation:
+            if resp is not None:
+                resp.close()
             return super().get_bytes_versioned(key)
-        return resp.content, generation
+        with _GCSReader(key, resp) as reader:
+            return reader.read(), generation
 
     def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
         if self.part_size % CHUNK_ALIGN:
@@ -326,15 +332,17 @@ class _GCSReader(ObjectReader):
         super().__init__()
         self._key = key
         self._resp = resp
+        # one socket read per readinto, each bounded by the current watch (cloudbk.storage.deadline)
+        self._body = WatchedBody(resp.raw, GCSStorage.timeout[1]) if resp is not None else None
         length = resp.headers.get("Content-Length") if resp is not None else "0"
         self._remaining = int(length) if length is not None else None
 
     def readinto(self, buffer: Any) -> int:
-        if self._resp is None or self._remaining == 0:
+        if self._body is None or self._remaining == 0:
             return 0
         view = memoryview(buffer).cast("B")[: self._remaining]
         try:
-            n = int(self._resp.raw.readinto(view))
+            n = self._body.readinto(view)
         except Exception as exc:
             if _transport_error_class(exc) is None:
                 raise

@@ -22,6 +22,7 @@ never concurrently with ``_upload_part``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextvars
 from abc import abstractmethod
 
 from cloudbk.storage.backoff import RetryPolicy
@@ -121,7 +122,8 @@ class PartWriter(ObjectWriter):
         self._reap(block=False)
         while len(self._pending) >= self.parts_in_flight:
             self._reap(block=True)
-        self._pending.add(self._pool.submit(upload))
+        # in the caller's context, so the part's retries see an enclosing deadline (cloudbk.storage.deadline)
+        self._pending.add(self._pool.submit(contextvars.copy_context().run, upload))
 
     def _reap(self, block: bool) -> None:
         """Drop finished parts from the pending set; raise the error of a failed one."""

@@ -50,6 +50,7 @@ from cloudbk.storage.base import (
     check_key,
     check_prefix,
 )
+from cloudbk.storage.deadline import WatchedBody, request_timeout
 from cloudbk.storage.parts import PartWriter
 
 if TYPE_CHECKING:
@@ -383,7 +384,7 @@ class S3Storage(Storage):
         full = self._full(key)
         with self._errors("read", key):
             response = self._client.get_object(Bucket=self.bucket, Key=full)
-            body = response["Body"]
+            body = _watched(response["Body"])
             try:
                 data = body.read()
             finally:
@@ -419,7 +420,7 @@ def _make_client(url: str, endpoint_url: str | None, env: Mapping[str, str]) -> 
             # S3-compatible stores rarely resolve bucket.host names: path-style addressing with an endpoint.
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
-        return session.create_client(
+        client = session.create_client(
             "s3",
             endpoint_url=endpoint_url,
             config=config,
@@ -432,6 +433,28 @@ def _make_client(url: str, endpoint_url: str | None, env: Mapping[str, str]) -> 
             f"cannot set up the S3 client for {url}: {exc}",
             hint="check --endpoint-url / CLOUDBK_ENDPOINT_URL, AWS_PROFILE and AWS_REGION",
         ) from exc
+    # botocore fixes its timeouts per client, but reads a per-request ``read_timeout`` from the request
+    # context (botocore.httpsession.URLLib3Session._get_request_timeout): set it from the current deadline, so
+    # each socket read of a request waits at most the time remaining. The connect timeout stays per client.
+    client.meta.events.register("before-call.s3", _limit_read_timeout)
+    return client
+
+
+def _limit_read_timeout(context: dict[str, Any], **kwargs: Any) -> None:
+    context["read_timeout"] = request_timeout(READ_TIMEOUT)
+
+
+def _watched(body: Any) -> Any:
+    """The GetObject body, its reads made one socket read each and bounded by the current watch.
+
+    botocore's StreamingBody (and its checksum-validating subclass) read ``_raw_stream``, the urllib3
+    response, with a buffered ``read(n)``; standing a WatchedBody in its place keeps their length and checksum
+    checks and gets control back after every socket read.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    if raw is not None and hasattr(raw, "read1"):
+        body._raw_stream = WatchedBody(raw, READ_TIMEOUT)
+    return body
 
 
 class _EmptyReader(ObjectReader):
@@ -446,7 +469,7 @@ class _S3Reader(ObjectReader):
         super().__init__()
         self._storage = storage
         self._key = key
-        self._body = body
+        self._body = _watched(body)
 
     def readinto(self, buffer: Any) -> int:
         with self._storage._errors("read", self._key):
@@ -454,7 +477,8 @@ class _S3Reader(ObjectReader):
 
     def readall(self) -> bytes:
         with self._storage._errors("read", self._key):
-            return bytes(self._body.read())
+            return bytes(self._body.read())  # chunk by chunk: WatchedBody
+
 
     def close(self) -> None:
         if not self.closed:
