@@ -14,6 +14,8 @@ The SDK is imported lazily and its retries are off: :mod:`cloudbk.storage.retry`
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import re
 import uuid
@@ -156,6 +158,18 @@ def _watch_body(response: Any) -> None:
         internal.raw = WatchedBody(raw, READ_TIMEOUT)
 
 
+def _check_account_key(key: str, setting: str) -> None:
+    """An account key is base64 (the SDK would fail signing every request, with no HTTP status to show)."""
+    try:
+        base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UsageError(
+            f"{setting} is not a valid Azure storage account key (not base64)",
+            hint="copy key1 or key2 from the storage account's 'Access keys' page (88 characters ending in '=='), "
+            "or use AZURE_STORAGE_SAS_TOKEN or Azure AD instead",
+        ) from exc
+
+
 def _build_client(options: StorageOptions) -> Any:
     """A BlobServiceClient from ``options.environ`` (SPEC §1: connection string, key, SAS, Azure AD)."""
     from azure.storage.blob import BlobServiceClient
@@ -179,14 +193,21 @@ def _build_client(options: StorageOptions) -> Any:
     endpoint = options.endpoint_url
     connection_string = env("AZURE_STORAGE_CONNECTION_STRING")
     if connection_string:
+        fields = {k.strip().lower(): v for k, v in (f.split("=", 1) for f in connection_string.split(";") if "=" in f)}
+        if "accountkey" in fields:
+            _check_account_key(fields["accountkey"], "the AccountKey of AZURE_STORAGE_CONNECTION_STRING")
         try:
             client = BlobServiceClient.from_connection_string(connection_string, **settings)
         except ValueError as exc:
-            raise UsageError("AZURE_STORAGE_CONNECTION_STRING is malformed", hint=_CREDENTIALS_HINT) from exc
+            raise UsageError(
+                f"AZURE_STORAGE_CONNECTION_STRING is malformed: {exc}",
+                hint="it is a list of Name=value pairs separated by ';', e.g. DefaultEndpointsProtocol=https;"
+                "AccountName=NAME;AccountKey=KEY;EndpointSuffix=core.windows.net, as the portal's 'Access keys' "
+                "page shows it; or unset it and use " + _CREDENTIALS_HINT.removeprefix("set "),
+            ) from exc
         if not endpoint:
             return client
         # the endpoint option overrides the connection string's endpoint; keep its credential
-        fields = {k.strip().lower(): v for k, v in (f.split("=", 1) for f in connection_string.split(";") if "=" in f)}
         sas = fields.get("sharedaccesssignature")
         return BlobServiceClient(endpoint, credential=sas or client.credential, **settings)
     account = env("AZURE_STORAGE_ACCOUNT") or (_account_from_endpoint(endpoint) if endpoint else None)
@@ -196,6 +217,7 @@ def _build_client(options: StorageOptions) -> Any:
     key, sas = env("AZURE_STORAGE_KEY"), env("AZURE_STORAGE_SAS_TOKEN")
     credential: Any
     if key:
+        _check_account_key(key, "AZURE_STORAGE_KEY")
         credential = {"account_name": account, "account_key": key}
     elif sas:
         credential = sas.lstrip("?")
@@ -260,7 +282,10 @@ class AzureStorage(Storage):
                 f"{what} {where}: {detail}", key=key, hint="check that the Blob endpoint is reachable and healthy"
             )
         reason = getattr(exc, "reason", None)
-        detail = f"HTTP {status} {code}".rstrip() + (f": {reason}" if reason else "")
+        if status is None:  # refused before any answer (e.g. while signing the request)
+            detail = _URL_QUERY.sub("?…", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        else:
+            detail = f"HTTP {status} {code}".rstrip() + (f": {reason}" if reason else "")
         message = f"{what} {where}: {detail}"
         if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
             return AccessDenied(message, key=key, hint=_CREDENTIALS_HINT)

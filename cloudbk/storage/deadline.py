@@ -238,7 +238,8 @@ class WatchedBody:
     Wraps the ``urllib3.HTTPResponse`` an SDK streams from (botocore's ``StreamingBody``, a ``requests``
     response's ``raw``, azure-core's transport response) and stands in for it: ``read(n)`` returns what one
     socket read brings (``read1``) instead of blocking until ``n`` bytes arrived, after setting the socket's
-    timeout from the watch; the watch is told of the bytes and may end the read. Other attributes pass through.
+    timeout from the watch; the watch is told of the bytes and may end the read. ``readinto`` fills its buffer
+    as before, one watched socket read at a time. Other attributes pass through.
     """
 
     def __init__(self, raw: Any, default_timeout: float) -> None:
@@ -270,10 +271,16 @@ class WatchedBody:
         return self.read(amt if amt is not None and amt > 0 else 1024 * 1024, decode_content)
 
     def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` (short only at the end of the body), consulting the watch after each socket read."""
         view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        filled = 0
+        while filled < len(view):
+            data = self.read(len(view) - filled)
+            if not data:
+                break
+            view[filled : filled + len(data)] = data
+            filled += len(data)
+        return filled
 
     def stream(self, amt: int | None = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
         while True:

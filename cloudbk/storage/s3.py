@@ -22,11 +22,10 @@ reject them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
-from cloudbk import __version__
 from cloudbk.errors import (
     AccessDenied,
     AlreadyExists,
@@ -50,8 +49,9 @@ from cloudbk.storage.base import (
     check_key,
     check_prefix,
 )
-from cloudbk.storage.deadline import WatchedBody, request_timeout
+from cloudbk.storage.deadline import WatchedBody
 from cloudbk.storage.parts import PartWriter
+from cloudbk.storage.s3client import READ_TIMEOUT, make_client
 
 if TYPE_CHECKING:
     from cloudbk.storage.registry import StorageOptions
@@ -79,11 +79,6 @@ PARTS_PER_STEP = 128
 # within this budget (but two at least, so big parts still overlap): 4 x 8 MiB or 16 MiB, 2 x 160 MiB at 100 GiB.
 IN_FLIGHT_BYTES = 32 * MiB
 
-CONNECT_TIMEOUT = 10.0  # seconds to open a connection
-READ_TIMEOUT = 60.0  # seconds without a byte from the server
-# Connections kept per client: enough for the worker threads sharing one storage and parallel part uploads.
-MAX_POOL_CONNECTIONS = 64
-DEFAULT_REGION = "us-east-1"
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _DENIED = frozenset(
@@ -156,7 +151,8 @@ class S3Storage(Storage):
         self.endpoint_url = (
             options.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         )
-        self._client = _make_client(url, self.endpoint_url, env)
+        self._client = make_client(url, self.endpoint_url, env)
+        self._bucket_seen = False  # once the bucket has answered, a code-less 404 is about the object
         self.list_by_directory = self.endpoint_url is not None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -262,12 +258,35 @@ class S3Storage(Storage):
 
     def stat(self, key: str) -> ObjectInfo:
         full = self._full(key)
-        with self._errors("stat", key):
-            response = self._client.head_object(Bucket=self.bucket, Key=full)
+        try:
+            with self._errors("stat", key):
+                response = self._client.head_object(Bucket=self.bucket, Key=full)
+        except NotFound:
+            self._check_bucket(key)  # a HEAD's 404 has no body, so no code: the bucket may be what is missing
+            raise
+        self._bucket_seen = True
         modified = response.get("LastModified")
         return ObjectInfo(
             key, int(response["ContentLength"]), _version(response["ETag"]), modified.timestamp() if modified else None
         )
+
+    def _check_bucket(self, key: str) -> None:
+        """Raise "bucket does not exist" if it does not; once it has answered, trust it exists."""
+        if self._bucket_seen:
+            return
+        try:
+            with self._errors("stat", key):
+                self._client.head_bucket(Bucket=self.bucket)
+        except NotFound as exc:
+            raise PermanentError(
+                f"bucket {self.bucket} does not exist (looking for {self._where(key)})",
+                key=key,
+                hint=f"create bucket {self.bucket} (aws s3 mb s3://{self.bucket}) or fix the repository URL; "
+                "cloudbk does not create buckets",
+            ) from exc
+        except AccessDenied:
+            pass  # we may not HEAD the bucket; the 404 was the object's
+        self._bucket_seen = True
 
     def open_read(self, key: str, offset: int = 0, length: int | None = None) -> ObjectReader:
         full = self._full(key)
@@ -393,55 +412,6 @@ class S3Storage(Storage):
 
     def close(self) -> None:
         self._client.close()
-
-
-def _make_client(url: str, endpoint_url: str | None, env: Mapping[str, str]) -> Any:
-    import botocore.session
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
-
-    # Explicit keys when the environment has them; otherwise the SDK's default chain (profile, web identity,
-    # instance role). The keys go to the client object only, never into a message.
-    key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    if not (key_id and secret):
-        key_id = secret = None
-    token = (env.get("AWS_SESSION_TOKEN") or None) if key_id else None
-    try:
-        session = botocore.session.Session(profile=env.get("AWS_PROFILE") or None)
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or session.get_config_variable("region")
-        config = Config(
-            region_name=region or DEFAULT_REGION,
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
-            retries={"total_max_attempts": 1},  # no SDK retries: cloudbk.storage.retry decides
-            max_pool_connections=MAX_POOL_CONNECTIONS,
-            tcp_keepalive=True,
-            user_agent_extra=f"cloudbk/{__version__}",
-            # S3-compatible stores rarely resolve bucket.host names: path-style addressing with an endpoint.
-            s3={"addressing_style": "path"} if endpoint_url else None,
-        )
-        client = session.create_client(
-            "s3",
-            endpoint_url=endpoint_url,
-            config=config,
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret,
-            aws_session_token=token,
-        )
-    except (BotoCoreError, ValueError) as exc:
-        raise UsageError(
-            f"cannot set up the S3 client for {url}: {exc}",
-            hint="check --endpoint-url / CLOUDBK_ENDPOINT_URL, AWS_PROFILE and AWS_REGION",
-        ) from exc
-    # botocore fixes its timeouts per client, but reads a per-request ``read_timeout`` from the request
-    # context (botocore.httpsession.URLLib3Session._get_request_timeout): set it from the current deadline, so
-    # each socket read of a request waits at most the time remaining. The connect timeout stays per client.
-    client.meta.events.register("before-call.s3", _limit_read_timeout)
-    return client
-
-
-def _limit_read_timeout(context: dict[str, Any], **kwargs: Any) -> None:
-    context["read_timeout"] = request_timeout(READ_TIMEOUT)
 
 
 def _watched(body: Any) -> Any:
