@@ -65,7 +65,7 @@ class Watch(Protocol):
         """Seconds the next wait may last, at most ``default``."""
 
     def progress(self, nbytes: int) -> None:
-        """``nbytes`` arrived (0: a wait ended without data); raise a ``TransientError`` if time is up."""
+        """``nbytes`` arrived (0: none, a check before a wait); raise a ``TransientError`` if time is up."""
 
 
 class Deadline:
@@ -99,9 +99,12 @@ class Deadline:
             return default
         return max(MIN_TIMEOUT, min(default, self.remaining()))
 
-    def check(self, what: str = "storage operation") -> None:
+    def check(self, what: str | None = None) -> None:
         if self.running and self.remaining() <= 0:
-            raise DeadlineExceeded(f"{what}: no complete answer within the {self.seconds:g}s deadline", hint=_HINT)
+            about = f" to {what}" if what else ""
+            raise DeadlineExceeded(
+                f"no complete answer from the storage{about} within the {self.seconds:g}s deadline", hint=_HINT
+            )
 
     def progress(self, nbytes: int) -> None:
         self.check()
@@ -167,7 +170,7 @@ class StallWatch:
                 key=self.key,
                 hint="re-opened at its offset until the retry deadline; " + _HINT,
             )
-        self.budget.check(f"read of {self.key}" if self.key else "read")
+        self.budget.check(f"the read of {self.key}" if self.key else None)
 
 
 _current: ContextVar[Watch | None] = ContextVar("cloudbk_storage_watch", default=None)
@@ -193,9 +196,15 @@ def watching(watch: Watch) -> Iterator[None]:
 
 
 def request_timeout(default: float) -> float:
-    """The timeout for one wait of a request: ``default``, or less when a watch says so."""
+    """The timeout for one wait of a request: ``default``, or less when a watch says so.
+
+    Raises the watch's error instead when its time is already up: no wait is started that could only fail.
+    """
     watch = _current.get()
-    return default if watch is None else watch.timeout(default)
+    if watch is None:
+        return default
+    watch.progress(0)
+    return watch.timeout(default)
 
 
 @contextmanager
@@ -250,10 +259,11 @@ class WatchedBody:
         return getattr(self._raw, name)
 
     def _wait_limit(self) -> None:
+        timeout = request_timeout(self._default)  # raises if the watch's time is already up
         connection = getattr(self._raw, "connection", None)
         sock = getattr(connection, "sock", None)
         if sock is not None:
-            sock.settimeout(request_timeout(self._default))
+            sock.settimeout(timeout)
 
     def read(self, amt: int | None = None, decode_content: bool | None = None, **kwargs: Any) -> bytes:
         if amt is None or amt < 0:
@@ -261,8 +271,13 @@ class WatchedBody:
         if amt == 0:
             return b""
         self._wait_limit()
-        data = bytes(self._raw.read1(amt, decode_content=decode_content))
         watch = _current.get()
+        try:
+            data = bytes(self._raw.read1(amt, decode_content=decode_content))
+        except Exception:
+            if watch is not None:
+                watch.progress(0)  # our time is up: say so, rather than let an SDK retry the read on its own
+            raise
         if watch is not None and data:
             watch.progress(len(data))
         return data

@@ -23,6 +23,7 @@ an upload on a status query, which ``_verify`` then catches as a size mismatch.
 from __future__ import annotations
 
 import base64
+import contextvars
 import importlib
 import json
 import re
@@ -316,7 +317,8 @@ class GCSStorage(Storage):
         if not checked:
             return
         with ThreadPoolExecutor(max_workers=min(DELETE_THREADS, len(checked))) as pool:
-            futures = [pool.submit(delete, key) for key in checked]
+            # each in a copy of the caller's context: the deletes see its deadline (cloudbk.storage.deadline)
+            futures = [pool.submit(contextvars.copy_context().run, delete, key) for key in checked]
         failures = [e for e in (f.exception() or f.result() for f in futures) if e is not None]
         if failures:  # every delete was tried; a retry repeats them all, so raise the least retryable
             raise min(failures, key=lambda e: isinstance(e, TransientError))
