@@ -106,10 +106,16 @@ def test_wal_commands_end_within_the_deadline_when_storage_hangs_or_drips(proxie
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         running[name] = (process, started)
     report = []
-    for name, (process, started) in running.items():
-        _, stderr = process.communicate(timeout=60)
-        elapsed = time.monotonic() - started
-        report.append((name, process.returncode, round(elapsed, 1), stderr.strip().splitlines()[-3:]))
+    try:
+        for name, (process, started) in running.items():
+            _, stderr = process.communicate(timeout=60)
+            elapsed = time.monotonic() - started
+            report.append((name, process.returncode, round(elapsed, 1), stderr.strip().splitlines()[-3:]))
+    finally:
+        for process, _ in running.values():
+            if process.poll() is None:  # only the processes this test started
+                process.kill()
+                process.wait()
     print(proxied.direct.name, report)
     for (name, code, elapsed, stderr), expected in zip(report, cases.values(), strict=True):
         assert code == expected[4], (name, stderr)
