@@ -449,7 +449,6 @@ class _S3Reader(ObjectReader):
         with self._storage._errors("read", self._key):
             return bytes(self._body.read())  # chunk by chunk: WatchedBody
 
-
     def close(self) -> None:
         if not self.closed:
             with suppress(Exception):  # closing a broken connection must not mask the real error
