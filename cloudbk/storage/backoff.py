@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cloudbk.errors import TransientError
-from cloudbk.storage.deadline import STALL_FLOOR, STALL_WINDOW, Deadline, Watch, enclosing_deadline, watching
+from cloudbk.storage.deadline import (
+    STALL_FLOOR,
+    STALL_WINDOW,
+    Deadline,
+    Watch,
+    backstop,
+    enclosing_deadline,
+    watching,
+)
 
 T = TypeVar("T")
 
@@ -51,7 +59,7 @@ class RetryPolicy:
             if self.deadline <= 0:
                 return fn()  # no retries, and no deadline to impose on the driver's timeouts
             budget = self.new_deadline()
-        with watching(watch or budget):
+        with watching(watch or budget), backstop(budget):
             return self._attempts(fn, what, budget)
 
     def _attempts(self, fn: Callable[[], T], what: str, budget: Deadline) -> T:

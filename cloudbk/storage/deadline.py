@@ -21,8 +21,9 @@ consult the same object without passing it through the SDKs. Two kinds exist:
 Socket timeouts alone cannot bound a trickling server (every read returns a byte before the timeout), and a
 buffered ``read(n)`` blocks until ``n`` bytes arrive. So response bodies are read through :class:`WatchedBody`:
 one socket read per call (``read1``), its timeout set from the watch, progress reported after it. What no
-per-wait timeout can bound (response *headers* that trickle, a name lookup) is cut, for a whole call in the
-main thread, by a backstop timer (SIGALRM) set ``BACKSTOP_GRACE`` seconds after the deadline.
+per-wait timeout can bound (response *headers* that trickle, a name lookup) is cut in the main thread by a
+backstop timer (SIGALRM) set ``BACKSTOP_GRACE`` seconds after the deadline, for a whole call and for each
+operation's retries; in worker threads only the per-wait timeouts apply.
 """
 
 from __future__ import annotations
@@ -215,16 +216,23 @@ def whole_call(seconds: float) -> Iterator[Deadline]:
         yield outer
         return
     deadline = Deadline(seconds)
-    with watching(deadline), _backstop(deadline):
+    with watching(deadline), backstop(deadline):
         yield deadline
 
 
 @contextmanager
-def _backstop(deadline: Deadline) -> Iterator[None]:
-    """Interrupt the main thread shortly after the deadline: the bound for waits no timeout covers."""
+def backstop(deadline: Deadline) -> Iterator[None]:
+    """Interrupt the main thread ``BACKSTOP_GRACE`` after the deadline: the bound for waits no timeout covers.
+
+    Only in the main thread (signals are delivered there) and for a running deadline. A timer already set (an
+    enclosing call's, or someone else's, e.g. a test runner's) is kept if it fires first, else replaced
+    for the duration and restored, with its remaining time, afterwards.
+    """
     usable = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-    if not usable or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
-        yield  # not the main thread, or someone else's timer is set: per-wait timeouts only
+    ours = max(deadline.remaining(), 0.0) + BACKSTOP_GRACE
+    theirs, interval = signal.getitimer(signal.ITIMER_REAL) if usable else (0.0, 0.0)
+    if not usable or not deadline.running or 0 < theirs <= ours:
+        yield  # per-wait timeouts only, or a timer that fires first anyway
         return
 
     def expire(signum: int, frame: FrameType | None) -> None:
@@ -232,13 +240,16 @@ def _backstop(deadline: Deadline) -> Iterator[None]:
             f"storage call still waiting {BACKSTOP_GRACE:g}s after its {deadline.seconds:g}s deadline", hint=_HINT
         )
 
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(deadline.seconds, 0.0) + BACKSTOP_GRACE)
+    signal.setitimer(signal.ITIMER_REAL, ours)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if theirs > 0:  # give the other timer back what it had left
+            signal.setitimer(signal.ITIMER_REAL, max(theirs - (time.monotonic() - started), 0.001), interval)
 
 
 class WatchedBody:

@@ -152,3 +152,17 @@ def test_stalled_stream_is_resumed_at_its_offset_or_fails_within_its_budget(prox
     failed = time.monotonic() - started
     print(proxied.direct.name, "resumed after a stall in", round(resumed, 1), "s; gave up in", round(failed, 1), "s")
     assert 3.0 * 0.8 <= failed <= 3.0 + 1.0 + 2.0, failed
+
+
+def test_trickling_headers_end_an_operation_within_its_deadline(proxied: Proxied) -> None:
+    """Outside a whole call too: the retry layer's backstop bounds what no socket timeout can (main thread)."""
+    proxied.direct.open_driver().put_bytes("headers/k", b"x" * 1000)
+    proxy, backend = proxied.make()
+    proxy.drip(after=0, interval=0.5)  # every response, from its status line on, one byte per half second
+    storage = backend.open(retry_deadline=2.0)
+    started = time.monotonic()
+    with pytest.raises(TransientError):
+        storage.get_bytes("headers/k")
+    elapsed = time.monotonic() - started
+    print(proxied.direct.name, "trickling headers: gave up in", round(elapsed, 1), "s")
+    assert elapsed <= 2.0 + BACKSTOP_GRACE + 1.0, elapsed
