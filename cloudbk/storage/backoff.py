@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -48,18 +49,27 @@ class RetryPolicy:
     def new_deadline(self, running: bool = True) -> Deadline:
         return Deadline(self.deadline, clock=self.clock, running=running)
 
-    def call(self, fn: Callable[[], T], what: str, deadline: Deadline | None = None, watch: Watch | None = None) -> T:
+    def call(
+        self,
+        fn: Callable[[], T],
+        what: str,
+        deadline: Deadline | None = None,
+        watch: Watch | None = None,
+        transfer: bool = False,
+    ) -> T:
         """Run ``fn``; on ``TransientError`` wait and run it again until the deadline has passed.
 
         The deadline is ``deadline``, else the enclosing one, else a new one of ``self.deadline`` seconds. The
         attempts run under ``watch`` (a stream's stall watch, which consults the deadline), else the deadline.
+        A ``transfer`` (uploading a part's bytes) is not cut by the backstop timer: over a slow link an attempt
+        may outlast the deadline, which bounds the time spent retrying it (a whole call's backstop still holds).
         """
         budget = deadline or enclosing_deadline()
         if budget is None:
             if self.deadline <= 0:
                 return fn()  # no retries, and no deadline to impose on the driver's timeouts
             budget = self.new_deadline()
-        with watching(watch or budget), backstop(budget):
+        with watching(watch or budget), backstop(budget) if not transfer else nullcontext():
             return self._attempts(fn, what, budget)
 
     def _attempts(self, fn: Callable[[], T], what: str, budget: Deadline) -> T:

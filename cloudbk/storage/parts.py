@@ -111,7 +111,7 @@ class PartWriter(ObjectWriter):
         what = f"upload part {number} of {self.key}"
 
         def upload() -> None:
-            self.policy.call(lambda: self._upload_part(number, offset, part), what)
+            self.policy.call(lambda: self._upload_part(number, offset, part), what, transfer=True)
 
         if not self._concurrent:
             upload()
@@ -153,11 +153,13 @@ class PartWriter(ObjectWriter):
         data = bytes(self._buffer)
         try:
             if not self._started:
-                info = self.policy.call(lambda: self._put_whole(data), f"write {self.key}")
+                info = self.policy.call(lambda: self._put_whole(data), f"write {self.key}", transfer=True)
             else:
                 self._drain()
                 number, offset = self._parts, self._offset
-                info = self.policy.call(lambda: self._finish(number, offset, data), f"complete upload of {self.key}")
+                info = self.policy.call(
+                    lambda: self._finish(number, offset, data), f"complete upload of {self.key}", transfer=True
+                )
         except BaseException:
             self.abort()
             raise
