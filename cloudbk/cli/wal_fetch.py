@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with terminate_on_sigterm():
         storage = open_storage(settings.require_repo(), settings.storage_options())
         try:
-            result = fetch_wal(storage, settings.server, args.name, args.dest)
+            with storage.whole_call():  # --retry-deadline bounds the whole command (cloudbk.storage.deadline)
+                result = fetch_wal(storage, settings.server, args.name, args.dest)
         except NotFound:
             # PostgreSQL asks for files that do not exist as a matter of course (the next timeline's history,
             # the segment after the end of the archive): not an error.

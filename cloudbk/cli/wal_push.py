@@ -38,7 +38,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with terminate_on_sigterm():
         storage = open_storage(settings.require_repo(), settings.storage_options())
         try:
-            result = push_wal(storage, settings.server, args.path, settings.compression)
+            with storage.whole_call():  # --retry-deadline bounds the whole command (cloudbk.storage.deadline)
+                result = push_wal(storage, settings.server, args.path, settings.compression)
         except CloudbkError:
             raise
         except Exception as exc:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from cloudbk.errors import (
     AccessDenied,
@@ -34,6 +33,7 @@ from cloudbk.errors import (
     UsageError,
 )
 from cloudbk.redact import redact_url
+from cloudbk.storage.azureclient import CREDENTIALS_HINT, build_client
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -68,19 +68,8 @@ BLOCKS_PER_DOUBLING = 4000
 BLOCK_ID_FORMAT = "{writer}-{number:05d}"
 WRITER_META = "cloudbkwriter"  # blob metadata naming the writer that committed it
 
-CONNECT_TIMEOUT = 10.0  # seconds to establish a connection
-READ_TIMEOUT = 60.0  # seconds without a byte from the service
-FIRST_GET_SIZE = 8 * MiB  # the first GET of a read (and all of a small object): one request for WAL and the index
-READ_CHUNK_SIZE = 4 * MiB  # later GETs of a streamed read: memory held by a reader
-
 _CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _URL_QUERY = re.compile(r"\?[^\s'\")]+")  # a SAS token in a URL quoted by a transport error message
-
-_CREDENTIALS_HINT = (
-    "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with AZURE_STORAGE_KEY or "
-    "AZURE_STORAGE_SAS_TOKEN; with Azure AD (azure-identity), the identity needs the "
-    "'Storage Blob Data Contributor' role on the container"
-)
 
 
 def block_size_for(number: int, initial: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -122,70 +111,6 @@ def _redact_url(url: str) -> str:
     return redact_url(url).rstrip("/")
 
 
-def _account_from_endpoint(endpoint: str) -> str | None:
-    """``http://127.0.0.1:10000/acct`` (emulator style) or ``https://acct.blob.core.windows.net``."""
-    parts = urlsplit(endpoint)
-    path = parts.path.strip("/")
-    if path:
-        return path.split("/")[0]
-    host = parts.hostname or ""
-    return host.split(".")[0] if ".blob." in host else None
-
-
-def _build_client(options: StorageOptions) -> Any:
-    """A BlobServiceClient from ``options.environ`` (SPEC §1: connection string, key, SAS, Azure AD)."""
-    from azure.storage.blob import BlobServiceClient
-
-    def env(name: str) -> str | None:
-        return (options.environ.get(name) or "").strip() or None
-
-    settings: dict[str, Any] = {
-        # our retry layer retries by error class; every SDK retry counter at zero
-        "retry_total": 0,
-        "retry_connect": 0,
-        "retry_read": 0,
-        "retry_status": 0,
-        "connection_timeout": CONNECT_TIMEOUT,
-        "read_timeout": READ_TIMEOUT,
-        "max_single_get_size": FIRST_GET_SIZE,
-        "max_chunk_get_size": READ_CHUNK_SIZE,
-    }
-    endpoint = options.endpoint_url
-    connection_string = env("AZURE_STORAGE_CONNECTION_STRING")
-    if connection_string:
-        try:
-            client = BlobServiceClient.from_connection_string(connection_string, **settings)
-        except ValueError as exc:
-            raise UsageError("AZURE_STORAGE_CONNECTION_STRING is malformed", hint=_CREDENTIALS_HINT) from exc
-        if not endpoint:
-            return client
-        # the endpoint option overrides the connection string's endpoint; keep its credential
-        fields = {k.strip().lower(): v for k, v in (f.split("=", 1) for f in connection_string.split(";") if "=" in f)}
-        sas = fields.get("sharedaccesssignature")
-        return BlobServiceClient(endpoint, credential=sas or client.credential, **settings)
-    account = env("AZURE_STORAGE_ACCOUNT") or (_account_from_endpoint(endpoint) if endpoint else None)
-    if not account:
-        raise UsageError("no Azure storage account configured", hint=_CREDENTIALS_HINT)
-    url = endpoint or f"https://{account}.blob.core.windows.net"
-    key, sas = env("AZURE_STORAGE_KEY"), env("AZURE_STORAGE_SAS_TOKEN")
-    credential: Any
-    if key:
-        credential = {"account_name": account, "account_key": key}
-    elif sas:
-        credential = sas.lstrip("?")
-    else:
-        try:
-            from azure.identity import DefaultAzureCredential
-        except ImportError as exc:
-            raise UsageError(
-                f"no credentials for Azure storage account {account}: AZURE_STORAGE_KEY and AZURE_STORAGE_SAS_TOKEN "
-                "are unset and azure-identity is not installed",
-                hint=_CREDENTIALS_HINT + " (pip install azure-identity)",
-            ) from exc
-        credential = DefaultAzureCredential()
-    return BlobServiceClient(url, credential=credential, **settings)
-
-
 class AzureStorage(Storage):
     scheme = "azure"
     delete_batch_size = MAX_BATCH
@@ -201,7 +126,7 @@ class AzureStorage(Storage):
         self.prefix = prefix
         self.block_size = DEFAULT_BLOCK_SIZE
         self._root = f"{prefix}/" if prefix else ""
-        self._service = _build_client(options)
+        self._service = build_client(options)
         self._container = self._service.get_container_client(container)
         self._endpoint = _redact_url(str(self._service.url))
 
@@ -234,10 +159,13 @@ class AzureStorage(Storage):
                 f"{what} {where}: {detail}", key=key, hint="check that the Blob endpoint is reachable and healthy"
             )
         reason = getattr(exc, "reason", None)
-        detail = f"HTTP {status} {code}".rstrip() + (f": {reason}" if reason else "")
+        if status is None:  # refused before any answer (e.g. while signing the request)
+            detail = _URL_QUERY.sub("?…", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        else:
+            detail = f"HTTP {status} {code}".rstrip() + (f": {reason}" if reason else "")
         message = f"{what} {where}: {detail}"
         if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
-            return AccessDenied(message, key=key, hint=_CREDENTIALS_HINT)
+            return AccessDenied(message, key=key, hint=CREDENTIALS_HINT)
         if code == "ContainerNotFound":
             return PermanentError(
                 message,
@@ -357,7 +285,7 @@ class AzureStorage(Storage):
             key = name[len(self._root) :]
             where = f"azure blob {name} in container {self.container} (batch delete: HTTP {status})"
             if status in (401, 403):
-                raise AccessDenied(f"cannot delete {where}", key=key, hint=_CREDENTIALS_HINT)
+                raise AccessDenied(f"cannot delete {where}", key=key, hint=CREDENTIALS_HINT)
             if status in (408, 429) or status >= 500:
                 raise TransientError(f"cannot delete {where}", key=key)
             raise PermanentError(f"cannot delete {where}", key=key)

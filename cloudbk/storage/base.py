@@ -26,6 +26,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -196,6 +197,10 @@ class Storage(ABC):
     def abort_upload(self, upload: UploadInfo) -> None:
         """Discard one upload listed by ``list_uploads`` and its parts; one that is gone already is fine."""
         return None
+
+    def whole_call(self) -> AbstractContextManager[object]:
+        """A block in which one deadline bounds every operation (the retry layer's; a bare driver has none)."""
+        return nullcontext()
 
     # -- conveniences built on the required operations --------------------------------------------------
 

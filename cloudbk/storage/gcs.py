@@ -23,6 +23,7 @@ an upload on a status query, which ``_verify`` then catches as a size mismatch.
 from __future__ import annotations
 
 import base64
+import contextvars
 import importlib
 import json
 import re
@@ -57,6 +58,7 @@ from cloudbk.storage.base import (
     check_key,
     check_prefix,
 )
+from cloudbk.storage.deadline import WatchedBody, request_timeout
 from cloudbk.storage.parts import PartWriter
 
 if TYPE_CHECKING:
@@ -169,7 +171,9 @@ class GCSStorage(Storage):
     def _request(self, method: str, url: str, what: str, key: str | None, **kwargs: Any) -> requests.Response:
         """Send one request; failing to get an answer raises. The status is the caller's to judge."""
         try:
-            return self._session.request(method, url, timeout=self.timeout, allow_redirects=False, **kwargs)
+            connect, read = self.timeout  # each wait at most the time left to the current deadline
+            timeout = (request_timeout(connect), request_timeout(read))
+            return self._session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs)
         except Exception as exc:
             cls = _transport_error_class(exc)
             if cls is None:
@@ -260,11 +264,14 @@ class GCSStorage(Storage):
 
     def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
         """One GET: the bytes and the generation they belong to (``x-goog-generation``)."""
-        resp = self._download(key, 0, None, stream=False)
+        resp = self._download(key, 0, None, stream=True)
         generation = resp.headers.get("x-goog-generation") if resp is not None else None
         if resp is None or not generation:
+            if resp is not None:
+                resp.close()
             return super().get_bytes_versioned(key)
-        return resp.content, generation
+        with _GCSReader(key, resp) as reader:
+            return reader.read(), generation
 
     def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
         if self.part_size % CHUNK_ALIGN:
@@ -311,7 +318,8 @@ class GCSStorage(Storage):
         if not checked:
             return
         with ThreadPoolExecutor(max_workers=min(DELETE_THREADS, len(checked))) as pool:
-            futures = [pool.submit(delete, key) for key in checked]
+            # each in a copy of the caller's context: the deletes see its deadline (cloudbk.storage.deadline)
+            futures = [pool.submit(contextvars.copy_context().run, delete, key) for key in checked]
         failures = [e for e in (f.exception() or f.result() for f in futures) if e is not None]
         if failures:  # every delete was tried; a retry repeats them all, so raise the least retryable
             raise min(failures, key=lambda e: isinstance(e, TransientError))
@@ -327,15 +335,17 @@ class _GCSReader(ObjectReader):
         super().__init__()
         self._key = key
         self._resp = resp
+        # one socket read per readinto, each bounded by the current watch (cloudbk.storage.deadline)
+        self._body = WatchedBody(resp.raw, GCSStorage.timeout[1]) if resp is not None else None
         length = resp.headers.get("Content-Length") if resp is not None else "0"
         self._remaining = int(length) if length is not None else None
 
     def readinto(self, buffer: Any) -> int:
-        if self._resp is None or self._remaining == 0:
+        if self._body is None or self._remaining == 0:
             return 0
         view = memoryview(buffer).cast("B")[: self._remaining]
         try:
-            n = int(self._resp.raw.readinto(view))
+            n = self._body.readinto(view)
         except Exception as exc:
             if _transport_error_class(exc) is None:
                 raise

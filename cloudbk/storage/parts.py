@@ -22,6 +22,7 @@ never concurrently with ``_upload_part``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextvars
 from abc import abstractmethod
 
 from cloudbk.storage.backoff import RetryPolicy
@@ -110,7 +111,7 @@ class PartWriter(ObjectWriter):
         what = f"upload part {number} of {self.key}"
 
         def upload() -> None:
-            self.policy.call(lambda: self._upload_part(number, offset, part), what)
+            self.policy.call(lambda: self._upload_part(number, offset, part), what, transfer=True)
 
         if not self._concurrent:
             upload()
@@ -121,7 +122,8 @@ class PartWriter(ObjectWriter):
         self._reap(block=False)
         while len(self._pending) >= self.parts_in_flight:
             self._reap(block=True)
-        self._pending.add(self._pool.submit(upload))
+        # in the caller's context, so the part's retries see an enclosing deadline (cloudbk.storage.deadline)
+        self._pending.add(self._pool.submit(contextvars.copy_context().run, upload))
 
     def _reap(self, block: bool) -> None:
         """Drop finished parts from the pending set; raise the error of a failed one."""
@@ -151,11 +153,13 @@ class PartWriter(ObjectWriter):
         data = bytes(self._buffer)
         try:
             if not self._started:
-                info = self.policy.call(lambda: self._put_whole(data), f"write {self.key}")
+                info = self.policy.call(lambda: self._put_whole(data), f"write {self.key}", transfer=True)
             else:
                 self._drain()
                 number, offset = self._parts, self._offset
-                info = self.policy.call(lambda: self._finish(number, offset, data), f"complete upload of {self.key}")
+                info = self.policy.call(
+                    lambda: self._finish(number, offset, data), f"complete upload of {self.key}", transfer=True
+                )
         except BaseException:
             self.abort()
             raise

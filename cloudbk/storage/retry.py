@@ -9,11 +9,14 @@ offset where a transient error interrupted them.
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from cloudbk.errors import TransientError
-from cloudbk.storage.backoff import NO_RETRY, RetryPolicy
+from cloudbk.storage import deadline
+from cloudbk.storage.backoff import MIN_ATTEMPT, NO_RETRY, RetryPolicy
 from cloudbk.storage.base import (
     OVERWRITE,
     ObjectInfo,
@@ -26,9 +29,16 @@ from cloudbk.storage.base import (
 
 __all__ = ["NO_RETRY", "RetryPolicy", "RetryingStorage"]
 
+log = logging.getLogger("cloudbk.storage")
+
 
 class _ResumingReader(ObjectReader):
-    """Re-opens the object at the current offset when a transient error interrupts the stream."""
+    """Re-opens the object at the current offset when a transient error (or a stall) interrupts the stream.
+
+    One budget for the whole read, carried across every resume: inside a whole call, that call's deadline
+    (which also bounds the healthy transfer); otherwise a retry budget that runs from a failure until the
+    stream shows the throughput floor again (:class:`~cloudbk.storage.deadline.StallWatch`).
+    """
 
     def __init__(self, storage: Storage, policy: RetryPolicy, key: str, offset: int, length: int | None) -> None:
         super().__init__()
@@ -37,21 +47,47 @@ class _ResumingReader(ObjectReader):
         self._key = key
         self._offset = offset
         self._remaining = length
-        self._inner = policy.call(lambda: storage.open_read(key, offset, length), f"read {key}")
+        outer = deadline.enclosing_deadline()
+        self._budget = outer or policy.new_deadline()
+        self._watch: deadline.Watch = outer or deadline.StallWatch(
+            self._budget, policy.stall_floor, policy.stall_window, key
+        )
+        self._inner = self._open()
+
+    def _open(self) -> ObjectReader:
+        what = f"read {self._key}"
+        watch = self._watch
+        if not isinstance(watch, deadline.StallWatch):
+            return self._policy.call(lambda: self._storage.open_read(self._key, self._offset, self._remaining), what)
+
+        def attempt() -> ObjectReader:
+            watch.restart()  # a fresh stall window per attempt: backoff sleeps are not the server's fault
+            return self._storage.open_read(self._key, self._offset, self._remaining)
+
+        with watch.reading():  # an open may read data already (Azure's first GET)
+            return self._policy.call(attempt, what, self._budget, watch)
+
+    def _read(self, buffer: Any) -> int:
+        if isinstance(self._watch, deadline.StallWatch):
+            with self._watch.reading():
+                return self._inner.readinto(buffer) or 0
+        with deadline.watching(self._watch):
+            return self._inner.readinto(buffer) or 0
 
     def readinto(self, buffer: Any) -> int:
         if self._remaining == 0:
             return 0
         while True:
             try:
-                n = self._inner.readinto(buffer)
-            except TransientError:
+                n = self._read(buffer)
+            except TransientError as exc:
                 self._inner.close()
-                self._inner = self._policy.call(
-                    lambda: self._storage.open_read(self._key, self._offset, self._remaining), f"read {self._key}"
-                )
+                self._budget.run()
+                if self._budget.remaining() < MIN_ATTEMPT:
+                    raise
+                log.info("resuming read of %s at offset %d after: %s", self._key, self._offset, exc.message)
+                self._inner = self._open()
                 continue
-            n = n or 0
             self._offset += n
             if self._remaining is not None:
                 self._remaining -= n
@@ -70,6 +106,7 @@ class RetryingStorage(Storage):
         super().__init__(inner.url)
         self.inner = inner
         self.policy = policy
+        self.retry_policy = policy
         # Writers retry their own parts (they hold the bytes); hand them the same policy.
         inner.retry_policy = policy
         self.list_page_size = inner.list_page_size
@@ -87,17 +124,26 @@ class RetryingStorage(Storage):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         last: str | None = None
+        # One budget for the listing, across its restarts: it runs only while a failure is being waited out
+        # (the caller may take its time between pages), unless a whole call bounds everything anyway.
+        budget = deadline.enclosing_deadline() or self.policy.new_deadline(running=False)
         while True:
             try:
-                for info in self.inner.list(prefix):
+                pages = iter(self.inner.list(prefix))
+                while True:
+                    with deadline.watching(budget):  # never across a yield: the caller's context is not ours
+                        info = next(pages, None)
+                    if info is None:
+                        return
+                    budget.pause()
                     if last is not None and info.key <= last:
                         continue  # already yielded before a transient error restarted the listing
                     last = info.key
                     yield info
-                return
             except TransientError:
                 # Wait out the failure by retrying a cheap call, then restart the listing after ``last``.
-                self.policy.call(lambda: next(iter(self.inner.list(prefix)), None), f"list {prefix}")
+                budget.run()
+                self.policy.call(lambda: next(iter(self.inner.list(prefix)), None), f"list {prefix}", budget)
 
     def delete_many(self, keys: Iterable[str]) -> None:
         batch: builtins.list[str] = []
@@ -122,6 +168,10 @@ class RetryingStorage(Storage):
 
     def abort_upload(self, upload: UploadInfo) -> None:
         self.policy.call(lambda: self.inner.abort_upload(upload), f"abort the upload of {upload.key}")
+
+    def whole_call(self) -> AbstractContextManager[object]:
+        """Bound every operation inside the block by one deadline of ``policy.deadline`` seconds."""
+        return deadline.whole_call(self.policy.deadline)
 
     def close(self) -> None:
         self.inner.close()

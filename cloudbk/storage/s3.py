@@ -22,11 +22,10 @@ reject them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
-from cloudbk import __version__
 from cloudbk.errors import (
     AccessDenied,
     AlreadyExists,
@@ -52,7 +51,9 @@ from cloudbk.storage.base import (
     check_key,
     check_prefix,
 )
+from cloudbk.storage.deadline import WatchedBody
 from cloudbk.storage.parts import PartWriter
+from cloudbk.storage.s3client import READ_TIMEOUT, make_client
 
 if TYPE_CHECKING:
     from cloudbk.storage.registry import StorageOptions
@@ -80,11 +81,6 @@ PARTS_PER_STEP = 128
 # within this budget (but two at least, so big parts still overlap): 4 x 8 MiB or 16 MiB, 2 x 160 MiB at 100 GiB.
 IN_FLIGHT_BYTES = 32 * MiB
 
-CONNECT_TIMEOUT = 10.0  # seconds to open a connection
-READ_TIMEOUT = 60.0  # seconds without a byte from the server
-# Connections kept per client: enough for the worker threads sharing one storage and parallel part uploads.
-MAX_POOL_CONNECTIONS = 64
-DEFAULT_REGION = "us-east-1"
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _DENIED = frozenset(
@@ -157,7 +153,8 @@ class S3Storage(Storage):
         self.endpoint_url = (
             options.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         )
-        self._client = _make_client(url, self.endpoint_url, env)
+        self._client = make_client(url, self.endpoint_url, env)
+        self._bucket_seen = False  # once the bucket has answered, a code-less 404 is about the object
         self.list_by_directory = self.endpoint_url is not None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -263,12 +260,35 @@ class S3Storage(Storage):
 
     def stat(self, key: str) -> ObjectInfo:
         full = self._full(key)
-        with self._errors("stat", key):
-            response = self._client.head_object(Bucket=self.bucket, Key=full)
+        try:
+            with self._errors("stat", key):
+                response = self._client.head_object(Bucket=self.bucket, Key=full)
+        except NotFound:
+            self._check_bucket(key)  # a HEAD's 404 has no body, so no code: the bucket may be what is missing
+            raise
+        self._bucket_seen = True
         modified = response.get("LastModified")
         return ObjectInfo(
             key, int(response["ContentLength"]), _version(response["ETag"]), modified.timestamp() if modified else None
         )
+
+    def _check_bucket(self, key: str) -> None:
+        """Raise "bucket does not exist" if it does not; once it has answered, trust it exists."""
+        if self._bucket_seen:
+            return
+        try:
+            with self._errors("stat", key):
+                self._client.head_bucket(Bucket=self.bucket)
+        except NotFound as exc:
+            raise PermanentError(
+                f"bucket {self.bucket} does not exist (looking for {self._where(key)})",
+                key=key,
+                hint=f"create bucket {self.bucket} (aws s3 mb s3://{self.bucket}) or fix the repository URL; "
+                "cloudbk does not create buckets",
+            ) from exc
+        except AccessDenied:
+            pass  # we may not HEAD the bucket; the 404 was the object's
+        self._bucket_seen = True
 
     def open_read(self, key: str, offset: int = 0, length: int | None = None) -> ObjectReader:
         full = self._full(key)
@@ -385,7 +405,7 @@ class S3Storage(Storage):
         full = self._full(key)
         with self._errors("read", key):
             response = self._client.get_object(Bucket=self.bucket, Key=full)
-            body = response["Body"]
+            body = _watched(response["Body"])
             try:
                 data = body.read()
             finally:
@@ -406,44 +426,17 @@ class S3Storage(Storage):
         self._client.close()
 
 
-def _make_client(url: str, endpoint_url: str | None, env: Mapping[str, str]) -> Any:
-    import botocore.session
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
+def _watched(body: Any) -> Any:
+    """The GetObject body, its reads made one socket read each and bounded by the current watch.
 
-    # Explicit keys when the environment has them; otherwise the SDK's default chain (profile, web identity,
-    # instance role). The keys go to the client object only, never into a message.
-    key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    if not (key_id and secret):
-        key_id = secret = None
-    token = (env.get("AWS_SESSION_TOKEN") or None) if key_id else None
-    try:
-        session = botocore.session.Session(profile=env.get("AWS_PROFILE") or None)
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or session.get_config_variable("region")
-        config = Config(
-            region_name=region or DEFAULT_REGION,
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
-            retries={"total_max_attempts": 1},  # no SDK retries: cloudbk.storage.retry decides
-            max_pool_connections=MAX_POOL_CONNECTIONS,
-            tcp_keepalive=True,
-            user_agent_extra=f"cloudbk/{__version__}",
-            # S3-compatible stores rarely resolve bucket.host names: path-style addressing with an endpoint.
-            s3={"addressing_style": "path"} if endpoint_url else None,
-        )
-        return session.create_client(
-            "s3",
-            endpoint_url=endpoint_url,
-            config=config,
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret,
-            aws_session_token=token,
-        )
-    except (BotoCoreError, ValueError) as exc:
-        raise UsageError(
-            f"cannot set up the S3 client for {url}: {exc}",
-            hint="check --endpoint-url / CLOUDBK_ENDPOINT_URL, AWS_PROFILE and AWS_REGION",
-        ) from exc
+    botocore's StreamingBody (and its checksum-validating subclass) read ``_raw_stream``, the urllib3
+    response, with a buffered ``read(n)``; standing a WatchedBody in its place keeps their length and checksum
+    checks and gets control back after every socket read.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    if raw is not None and hasattr(raw, "read1"):
+        body._raw_stream = WatchedBody(raw, READ_TIMEOUT)
+    return body
 
 
 class _EmptyReader(ObjectReader):
@@ -458,7 +451,7 @@ class _S3Reader(ObjectReader):
         super().__init__()
         self._storage = storage
         self._key = key
-        self._body = body
+        self._body = _watched(body)
 
     def readinto(self, buffer: Any) -> int:
         with self._storage._errors("read", self._key):
@@ -466,7 +459,7 @@ class _S3Reader(ObjectReader):
 
     def readall(self) -> bytes:
         with self._storage._errors("read", self._key):
-            return bytes(self._body.read())
+            return bytes(self._body.read())  # chunk by chunk: WatchedBody
 
     def close(self) -> None:
         if not self.closed:

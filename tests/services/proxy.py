@@ -3,6 +3,11 @@
 While cut, the proxy's port is closed (new connections are refused) and every open connection is reset, so a
 client sees exactly what it sees when the storage host goes away. ``restore()`` listens again on the same port.
 Unlike stopping the emulator this works for services that keep their data in memory (moto) and is instant.
+
+It can also misbehave the way a sick server or network does, for connections accepted from then on:
+``hang()`` accepts and never answers; ``drip(after, interval)`` forwards the first ``after`` bytes of each
+response stream normally, then one byte every ``interval`` seconds (a trickle no socket timeout catches);
+``forward()`` goes back to normal.
 """
 
 from __future__ import annotations
@@ -11,11 +16,20 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .proc import free_port
 
 _LOOPBACK_PORT = re.compile(r"127\.0\.0\.1:(\d+)")
+
+
+@dataclass(frozen=True)
+class Drip:
+    after: int = 0  # bytes of each connection's response stream forwarded normally
+    interval: float = 2.0  # then one byte per interval
+    connections: int | None = None  # drip this many connections, then forward again (None: all)
 
 
 class TcpProxy:
@@ -28,6 +42,22 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self.connections = 0  # accepted so far, for diagnostics
+        self._hang = False
+        self._drip: Drip | None = None
+        self.dripped = 0  # connections dripped so far
+
+    # -- misbehaviour (applies to connections accepted from then on) ------------------------------------
+
+    def hang(self) -> None:
+        """Accept connections and never answer."""
+        self._hang, self._drip = True, None
+
+    def drip(self, after: int = 0, interval: float = 2.0, connections: int | None = None) -> None:
+        """Forward each response's first ``after`` bytes, then one byte every ``interval`` seconds."""
+        self._hang, self._drip, self.dripped = False, Drip(after, interval, connections), 0
+
+    def forward(self) -> None:
+        self._hang, self._drip = False, None
 
     # -- control ----------------------------------------------------------------------------------------
 
@@ -73,6 +103,19 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
+            if self._hang:
+                with self._lock:
+                    self._conns.add(client)
+                    self.connections += 1
+                threading.Thread(target=_swallow, args=(client,), daemon=True, name="proxy-hang").start()
+                continue
+            drip = self._drip
+            if drip is not None and drip.connections is not None:
+                with self._lock:
+                    if self.dripped >= drip.connections:
+                        drip = None
+                    else:
+                        self.dripped += 1
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
                 upstream.settimeout(None)
@@ -87,8 +130,8 @@ class TcpProxy:
                 self._conns.update((client, upstream))
                 self.connections += 1
             pair = _Pair(self, client, upstream)
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pair.pump, args=(src, dst), daemon=True, name="proxy-pump").start()
+            for src, dst, slow in ((client, upstream, None), (upstream, client, drip)):
+                threading.Thread(target=pair.pump, args=(src, dst, slow), daemon=True, name="proxy-pump").start()
 
     def _forget(self, *socks: socket.socket) -> None:
         with self._lock:
@@ -105,13 +148,22 @@ class _Pair:
         self._running = 2
         self._lock = threading.Lock()
 
-    def pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def pump(self, src: socket.socket, dst: socket.socket, drip: Drip | None = None) -> None:
+        sent = 0
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if drip is None or sent + len(data) <= drip.after:
+                    dst.sendall(data)
+                    sent += len(data)
+                    continue
+                for i in range(len(data)):  # past ``after``: one byte per interval
+                    if sent >= drip.after:
+                        time.sleep(drip.interval)
+                    dst.sendall(data[i : i + 1])
+                    sent += 1
             dst.shutdown(socket.SHUT_WR)  # pass the half-close on
         except OSError:
             for s in self._socks:  # one side failed (or was reset by cut()): end both
@@ -126,6 +178,16 @@ class _Pair:
                     s.close()
                 except OSError:
                     pass
+
+
+def _swallow(sock: socket.socket) -> None:
+    """Read and discard what the client sends, answer nothing, until it or cut() closes the connection."""
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    _reset(sock)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from cloudbk.errors import AccessDenied, NotFound, TransientError
@@ -100,3 +102,83 @@ def test_listing_restarts_without_duplicates() -> None:
     inner.list_page_size = 3
     inner.inject("list", after=2, times=1)
     assert [i.key for i in storage.list("k/")] == [f"k/{i:02d}" for i in range(20)]
+
+
+@pytest.mark.parametrize("deadline", [5.0, 10.0])
+def test_short_deadline_is_used_to_its_end_not_given_up_early(deadline: float) -> None:
+    inner, storage, clock = _storage(deadline=deadline)
+    inner.inject("stat", times=10_000)  # fails instantly, every time
+    with pytest.raises(TransientError):
+        storage.stat("k")
+    # the last backoff is cut short so one more attempt happens just before the deadline, not at half of it
+    assert deadline - 0.2 <= clock.now <= deadline
+
+
+def test_last_attempt_gets_the_time_the_previous_one_took() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(deadline=5.0, sleep=clock.sleep, clock=clock.clock)
+    starts: list[float] = []
+
+    def slow_failure() -> None:
+        starts.append(clock.now)
+        clock.now += 1.5  # each attempt takes 1.5 s before failing
+        raise TransientError("503")
+
+    with pytest.raises(TransientError):
+        policy.call(slow_failure, "stat k")
+    # no backoff ate into the last attempt's time: it started right away with what was left, as late as
+    # the deadline allowed, and no attempt started after the deadline
+    assert len(starts) == 4 and all(b - a <= 1.5 + 0.2 for a, b in itertools.pairwise(starts))
+    assert starts[-1] < 5.0 <= clock.now
+
+
+def test_one_deadline_across_resumes_of_a_read() -> None:
+    clock = FakeClock()
+    inner = MemoryStorage()
+    policy = RetryPolicy(deadline=3.0, sleep=clock.sleep, clock=clock.clock)
+    storage = RetryingStorage(inner, policy)
+    inner.put_bytes("k", b"x" * 100_000)
+
+    def slow_failure(key: str) -> Exception:
+        clock.now += 0.5  # each failing read takes half a second
+        return TransientError("connection reset", key=key)
+
+    inner.inject("read", after=1, times=10_000, error=slow_failure)  # every read after the first fails
+    with pytest.raises(TransientError), storage.open_read("k") as reader:
+        while reader.read(1000):
+            pass
+    assert clock.now <= 3.0 + 0.5 + 0.5  # not 3 s per resume, forever
+
+
+def test_one_deadline_across_restarts_of_a_listing() -> None:
+    clock = FakeClock()
+    inner = MemoryStorage()
+    policy = RetryPolicy(deadline=3.0, sleep=clock.sleep, clock=clock.clock)
+    storage = RetryingStorage(inner, policy)
+    for i in range(5):
+        inner.put_bytes(f"k/{i}", b"x")
+    inner.list_page_size = 1
+    inner.inject("list", after=1, times=10_000)
+    with pytest.raises(TransientError):
+        list(storage.list("k/"))
+    assert clock.now <= 3.0
+
+
+def test_stall_watch_counts_only_time_spent_waiting() -> None:
+    from cloudbk.storage.deadline import Deadline, Stalled, StallWatch
+
+    clock = FakeClock()
+    budget = Deadline(10.0, clock=clock.clock, running=False)
+    watch = StallWatch(budget, floor=1000.0, window=2.0, key="k")
+    with watch.reading():
+        clock.now += 1.0
+        watch.progress(100)
+    clock.now += 100.0  # the consumer is busy: not the server's fault
+    with watch.reading():
+        clock.now += 0.5
+        watch.progress(2000)  # 2100 bytes in 1.5 s of waiting: a healthy window, starts afresh
+    with pytest.raises(Stalled), watch.reading():
+        for _ in range(3):
+            clock.now += 1.0
+            watch.progress(10)
+    assert not budget.running
