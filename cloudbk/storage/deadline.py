@@ -70,20 +70,24 @@ class Watch(Protocol):
 
 
 class Deadline:
-    """A time budget of ``seconds`` that runs while ``running`` (a stream's budget runs only while retrying)."""
+    """A time budget of ``seconds`` that runs while ``running`` (a stream's budget runs only while retrying).
+
+    A budget of 0 (``--retry-deadline 0``) never runs: one attempt, no retries, and the waits keep their
+    default timeouts, rather than failing before anything was tried.
+    """
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, running: bool = True) -> None:
         self.seconds = seconds
         self.clock = clock
         self._spent = 0.0
-        self._since: float | None = clock() if running else None
+        self._since: float | None = clock() if running and seconds > 0 else None
 
     @property
     def running(self) -> bool:
         return self._since is not None
 
     def run(self) -> None:
-        if self._since is None:
+        if self._since is None and self.seconds > 0:
             self._since = self.clock()
 
     def pause(self) -> None:

@@ -182,3 +182,20 @@ def test_stall_watch_counts_only_time_spent_waiting() -> None:
             clock.now += 1.0
             watch.progress(10)
     assert not budget.running
+
+
+def test_a_zero_deadline_makes_one_attempt_with_default_timeouts() -> None:
+    """``--retry-deadline 0`` means "no retries", not "fail before trying": reads, listings and whole calls
+    each get one attempt, and the waits inside keep their default timeouts."""
+    from cloudbk.storage import deadline
+
+    inner, storage, _ = _storage(deadline=0.0)
+    inner.put_bytes("k", b"data")
+    with storage.whole_call():
+        assert deadline.request_timeout(60.0) == 60.0
+        assert storage.get_bytes("k") == b"data"
+        assert [i.key for i in storage.list("")] == ["k"]
+    fault = inner.inject("stat", times=1)
+    with pytest.raises(TransientError):
+        storage.stat("k")
+    assert fault is not None
