@@ -237,11 +237,7 @@ class S3Storage(Storage):
             if isinstance(mode, IfVersion):
                 return PreconditionFailed(f"{where} has changed: its version is no longer {mode.version}", key=key)
         if code == "NoSuchBucket":
-            return PermanentError(
-                f"{text} (bucket {self.bucket})",
-                key=key,
-                hint=f"create bucket {self.bucket} or fix the repository URL; cloudbk does not create buckets",
-            )
+            return self._no_bucket(key)
         if code in _NOT_FOUND or (status == 404 and code != "NoSuchUpload"):
             if isinstance(mode, IfVersion):  # S3 answers If-Match on an absent key with 404
                 return PreconditionFailed(f"{where} does not exist (expected version {mode.version})", key=key)
@@ -272,6 +268,15 @@ class S3Storage(Storage):
             key, int(response["ContentLength"]), _version(response["ETag"]), modified.timestamp() if modified else None
         )
 
+    def _no_bucket(self, key: str) -> PermanentError:
+        """The one message for a missing bucket, whether a GET said so or a HEAD of the bucket did."""
+        return PermanentError(
+            f"bucket {self.bucket} does not exist (looking for {self._where(key)})",
+            key=key,
+            hint=f"create bucket {self.bucket} (aws s3 mb s3://{self.bucket}) or fix the repository URL; "
+            "cloudbk does not create buckets",
+        )
+
     def _check_bucket(self, key: str) -> None:
         """Raise "bucket does not exist" if it does not; once it has answered, trust it exists."""
         if self._bucket_seen:
@@ -280,12 +285,7 @@ class S3Storage(Storage):
             with self._errors("stat", key):
                 self._client.head_bucket(Bucket=self.bucket)
         except NotFound as exc:
-            raise PermanentError(
-                f"bucket {self.bucket} does not exist (looking for {self._where(key)})",
-                key=key,
-                hint=f"create bucket {self.bucket} (aws s3 mb s3://{self.bucket}) or fix the repository URL; "
-                "cloudbk does not create buckets",
-            ) from exc
+            raise self._no_bucket(key) from exc
         except AccessDenied:
             pass  # we may not HEAD the bucket; the 404 was the object's
         self._bucket_seen = True
