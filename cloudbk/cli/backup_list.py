@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from cloudbk.cli.common import open_repo
 from cloudbk.cli.output import human_size, table
 from cloudbk.config import Settings
 from cloudbk.repo.index import Index
@@ -50,9 +51,8 @@ def wal_text(doc: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.repo.catalog import load_catalog
-    from cloudbk.storage.registry import open_storage
 
-    storage = open_storage(settings.require_repo(), settings.storage_options())
+    storage = open_repo(settings)
     try:
         catalog = load_catalog(storage, settings.server)  # the backups that count (damaged ones are logged)
     finally:

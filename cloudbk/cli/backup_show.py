@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cloudbk.cli.common import open_repo
 from cloudbk.cli.output import human_duration, human_size
 from cloudbk.config import Settings
 
@@ -23,9 +24,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.repo import layout
     from cloudbk.repo.catalog import load_catalog, resolve_backup
     from cloudbk.repo.manifest import Manifest, parse_time
-    from cloudbk.storage.registry import open_storage
 
-    storage = open_storage(settings.require_repo(), settings.storage_options())
+    storage = open_repo(settings)
     try:
         catalog = load_catalog(storage, settings.server)
         index = catalog.index

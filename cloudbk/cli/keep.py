@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
 
 HELP = "keep a backup forever, whatever the retention policy (or --release it)"
@@ -26,9 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.lifecycle.actions import keep_backup, load_catalog, release_backup, resolve_backup
     from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE
-    from cloudbk.storage.registry import open_storage
 
-    with open_storage(settings.require_repo(), settings.storage_options()) as storage:
+    with open_repo(settings) as storage:
         if args.status:
             catalog = load_catalog(storage, settings.server)
             backup = resolve_backup(catalog, args.backup_id)

@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 
-from cloudbk.cli.main import terminate_on_sigterm
+from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
 from cloudbk.errors import OperationFailed, UsageError
@@ -95,7 +95,6 @@ def restore_command(settings: Settings, repo: str) -> str:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.backup.restore import RestoreOptions, check_destinations, prepare, restore
     from cloudbk.repo.pitr import Target
-    from cloudbk.storage.registry import open_storage
 
     repo = settings.require_repo()
     target = Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     check_destinations(os.path.abspath(args.dest), {})  # fail before any storage work
     with terminate_on_sigterm():
-        storage = open_storage(repo, settings.storage_options(300.0))
+        storage = open_repo(settings, LONG_RETRY_DEADLINE)
         try:
             _index, plan, manifest = prepare(storage, settings.server, options)
             print(format_plan(plan, manifest.stored_size, options), flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
 
 HELP = "expire backups and WAL under a retention policy (REDUNDANCY N or RECOVERY WINDOW OF N DAYS)"
@@ -43,10 +44,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.cli._lifecycle import retention_policy, stale_upload_age
     from cloudbk.lifecycle.actions import apply_retention, describe_plan
     from cloudbk.pg.walnames import segment_name
-    from cloudbk.storage.registry import open_storage
 
     policy = retention_policy(settings, args.redundancy, args.recovery_window, args.minimum_redundancy)
-    with open_storage(settings.require_repo(), settings.storage_options()) as storage:
+    with open_repo(settings) as storage:
         max_age = stale_upload_age(settings, args.stale_upload_age)
         result = apply_retention(storage, settings.server, policy, dry_run=args.dry_run, stale_upload_age=max_age)
     if args.json:

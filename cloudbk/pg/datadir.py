@@ -1,4 +1,5 @@
-"""Which files of a data directory (or a tablespace directory) a base backup copies.
+"""What cloudbk knows about a data directory: which files a base backup copies (of it, or of a tablespace
+directory), and which recovery mode its signal files put the server in.
 
 The exclusions follow PostgreSQL's documentation ("Making a Base Backup Using the Low Level API") and what
 pg_basebackup leaves out (``basebackup.c``): server runtime state, WAL (fetched from the archive instead),
@@ -185,3 +186,25 @@ def scan_tablespace(location: str, version_dir_prefix: str) -> list[Entry]:
         if top.startswith(version_dir_prefix):
             entries.append(entry)
     return entries
+
+
+ARCHIVE_RECOVERY, STANDBY, NO_RECOVERY = "archive recovery", "standby", "none"
+
+
+def recovery_mode(pgdata: str | None = None) -> str:
+    """The server's mode, from the signal files in its data directory.
+
+    PostgreSQL runs restore_command in the data directory, so the working directory is checked first; ``pgdata``
+    (``--pgdata`` / ``PGDATA``) is used when the working directory is not a data directory.
+    """
+    try:
+        base = os.getcwd()
+    except OSError:
+        base = pgdata or "."
+    if pgdata and not os.path.exists(os.path.join(base, "PG_VERSION")):
+        base = pgdata
+    if os.path.exists(os.path.join(base, "standby.signal")):
+        return STANDBY  # standby.signal wins when both exist, as in PostgreSQL
+    if os.path.exists(os.path.join(base, "recovery.signal")):
+        return ARCHIVE_RECOVERY
+    return NO_RECOVERY
