@@ -62,11 +62,6 @@ class Settings:
             )
         return self.repo
 
-    def require_pgdata(self) -> str:
-        if not self.pgdata:
-            raise UsageError("no data directory configured", hint="pass --pgdata DIR or set PGDATA")
-        return self.pgdata
-
     def storage_options(self, default_deadline: float = WAL_RETRY_DEADLINE) -> StorageOptions:
         deadline = self.retry_deadline if self.retry_deadline is not None else default_deadline
         return StorageOptions(endpoint_url=self.endpoint_url, retry_deadline=deadline, environ=self.environ)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cloudbk.errors import UsageError
-from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name, segment_name
+from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name
 from cloudbk.repo.index import Index, Ranges, gaps
 from cloudbk.repo.manifest import BackupSummary, parse_time
 
@@ -169,11 +169,6 @@ class RetentionPlan:
         if wal.kind == HISTORY:
             return False
         return self.segment_deletable(wal.timeline, wal.segno(self.segment_size))
-
-    def first_kept_segment_name(self, timeline: int) -> str | None:
-        if self.wal_keep_from is None:
-            return None
-        return segment_name(timeline, self.wal_keep_from, self.segment_size)
 
 
 def _merge(ranges: Ranges) -> Ranges:

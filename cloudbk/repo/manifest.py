@@ -154,10 +154,6 @@ class Manifest:
         return sum(t.data_size for t in self.tars)
 
     @property
-    def tar_size(self) -> int:
-        return sum(t.size for t in self.tars)
-
-    @property
     def stored_size(self) -> int:
         return sum(t.stored_size for t in self.tars)
 

@@ -164,9 +164,6 @@ class RecoveryPlan:
     def complete(self) -> bool:
         return not self.missing and not self.missing_histories
 
-    def segment_names(self, stretch: Stretch) -> list[str]:
-        return [segment_name(stretch.timeline, n, self.segment_size) for n in range(stretch.first, stretch.last + 1)]
-
     def describe_missing(self) -> list[str]:
         lines = [
             f"timeline {m.timeline}: "
