@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import itertools
 import logging
 import os
 import pwd
@@ -38,6 +39,7 @@ from cloudbk.repo.envelope import read_header
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BASE_TAR, Manifest, TarEntry
 from cloudbk.repo.pitr import RecoveryPlan, Stretch, Target, check_reach, choose_backup, plan_recovery
+from cloudbk.repo.ranges import runs
 from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk.backup.restore")
@@ -113,13 +115,12 @@ def confirm_missing(storage: Storage, server: str, plan: RecoveryPlan) -> Recove
 
 
 def _ranges(items: list[tuple[int, int]]) -> list[Stretch]:
-    out: list[Stretch] = []
-    for tli, n in items:
-        if out and out[-1].timeline == tli and out[-1].last == n - 1:
-            out[-1] = Stretch(tli, out[-1].first, n)
-        else:
-            out.append(Stretch(tli, n, n))
-    return out
+    """(timeline, segment number) pairs -> stretches of consecutive segments, in the order given."""
+    return [
+        Stretch(tli, a, b)
+        for tli, group in itertools.groupby(items, key=lambda item: item[0])
+        for a, b in runs(n for _, n in group)
+    ]
 
 
 def prepare(storage: Storage, server: str, options: RestoreOptions) -> tuple[Index, RecoveryPlan, Manifest]:

@@ -40,8 +40,9 @@ from cloudbk.repo.catalog import load_catalog as load_catalog
 from cloudbk.repo.catalog import read_keep_mark as read_keep_mark
 from cloudbk.repo.catalog import read_keep_marks as read_keep_marks
 from cloudbk.repo.catalog import resolve_backup as resolve_backup
-from cloudbk.repo.index import Index, gaps, update_index
+from cloudbk.repo.index import Index, update_index
 from cloudbk.repo.manifest import BackupSummary, format_time
+from cloudbk.repo.ranges import gaps
 from cloudbk.storage.base import Storage, UploadInfo
 
 log = logging.getLogger("cloudbk.lifecycle.actions")

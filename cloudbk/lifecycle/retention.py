@@ -39,8 +39,9 @@ from datetime import datetime, timedelta
 
 from cloudbk.errors import UsageError
 from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name
-from cloudbk.repo.index import Index, Ranges, gaps
+from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BackupSummary, parse_time
+from cloudbk.repo.ranges import Ranges, gaps, merge
 
 KEEP_FULL = "full"
 KEEP_STANDALONE = "standalone"
@@ -171,17 +172,6 @@ class RetentionPlan:
         return self.segment_deletable(wal.timeline, wal.segno(self.segment_size))
 
 
-def _merge(ranges: Ranges) -> Ranges:
-    """Sorted, non-overlapping, non-adjacent inclusive ranges covering the same segments."""
-    merged: Ranges = []
-    for a, b in sorted(ranges):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
-
-
 def _decide(ordered: list[BackupSummary], keeps: Mapping[str, str], policy: Policy, now: datetime) -> list[Decision]:
     reasons: dict[str, str] = {}
     for b in ordered:
@@ -244,7 +234,7 @@ def plan_retention(
         if d.retain and d.keep == KEEP_STANDALONE:
             kept = d.backup
             first, last = lsn_segno(kept.begin_lsn, segment_size), lsn_segno(kept.end_lsn, segment_size)
-            plan.protected[kept.timeline] = _merge([*plan.protected.get(kept.timeline, []), [first, last]])
+            plan.protected[kept.timeline] = merge([*plan.protected.get(kept.timeline, []), [first, last]])
 
     keep_from = plan.wal_keep_from
     for timeline, ranges in sorted(index.segments.items()):

@@ -39,8 +39,9 @@ from cloudbk.pg.walnames import (
     segment_name,
 )
 from cloudbk.repo import layout
-from cloudbk.repo.index import Index, Ranges
+from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BackupSummary
+from cloudbk.repo.ranges import Ranges, merge, runs
 from cloudbk.storage.base import Storage
 
 GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM = "gap", "foreign", "corrupt", "history"
@@ -195,17 +196,7 @@ def required_ranges(
         reachable.update(span.timeline for span in plan.path)
         for stretch in plan.stretches:
             required.setdefault(stretch.timeline, []).append([stretch.first, stretch.last])
-    return {t: _merge(r) for t, r in required.items()}, reachable
-
-
-def _merge(ranges: Ranges) -> Ranges:
-    merged: Ranges = []
-    for a, b in sorted(ranges):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
+    return {t: merge(r) for t, r in required.items()}, reachable
 
 
 def verify_index(index: Index, backups: Sequence[BackupSummary]) -> VerifyReport:
@@ -368,16 +359,14 @@ def verify_deep(storage: Storage, index: Index, report: VerifyReport, workers: i
     # Segments the index promises (and recovery needs) but storage does not hold are gaps too.
     for tr in report.timelines:
         have = stored.get(tr.timeline, set())
-        absent: Ranges = []
-        for a, b in tr.required:
-            for segno in range(a, b + 1):
-                if segno not in have and index.has_segment(tr.timeline, segno):
-                    if absent and absent[-1][1] == segno - 1:
-                        absent[-1][1] = segno
-                    else:
-                        absent.append([segno, segno])
+        absent = runs(
+            segno
+            for a, b in tr.required
+            for segno in range(a, b + 1)
+            if segno not in have and index.has_segment(tr.timeline, segno)
+        )
         for a, b in absent:
-            tr.missing = _merge([*tr.missing, [a, b]])
+            tr.missing = merge([*tr.missing, [a, b]])
             report.problems.append(
                 Problem(
                     GAP,
