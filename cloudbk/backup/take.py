@@ -6,7 +6,7 @@ Order of writes (data first, index after, manifest last — readers go the other
 2. ``global/pg_control`` read last, then ``pg_backup_stop``; its ``backup_label`` and ``tablespace_map``
    and then pg_control end the PGDATA tar (a tar cut short has no pg_control, so it cannot start a server);
 3. wait, bounded, until the WAL from the begin to the end segment is in the archive (SPEC §3 rule 4);
-   all along, a heartbeat object claims the backup's uploads (:mod:`cloudbk.backup.inflight`), so retention aborts
+   all along, a heartbeat object claims the backup's uploads (:mod:`cloudbk.repo.inflight`), so retention aborts
    only those of a backup-push that died;
 4. the manifest, create-only: from here on the backup exists;
 5. the index entry, by compare-and-swap.
@@ -28,18 +28,26 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from cloudbk import __version__
-from cloudbk.backup.inflight import Heartbeat
 from cloudbk.backup.tarstream import PipeSink, TarWriter
 from cloudbk.errors import AlreadyExists, CloudbkError, ConflictError, OperationFailed, UsageError
 from cloudbk.pg.conn import BackupStop, parse_backup_label, pg_control_system_identifier
-from cloudbk.pg.datadir import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, scan_data_directory, scan_tablespace
+from cloudbk.pg.datadir import (
+    BACKUP_LABEL,
+    PG_CONTROL,
+    TABLESPACE_MAP,
+    Entry,
+    Tablespace,
+    scan_data_directory,
+    scan_tablespace,
+)
 from cloudbk.pg.walnames import lsn_segno, segment_name
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
 from cloudbk.repo.compression import CompressingWriter
 from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import Index, load_index, update_index
-from cloudbk.repo.manifest import BASE_TAR, LinkEntry, Manifest, Tablespace, TarEntry, format_time
+from cloudbk.repo.inflight import Heartbeat
+from cloudbk.repo.manifest import BASE_TAR, FileEntry, LinkEntry, Manifest, TarEntry, format_time
 from cloudbk.storage.base import CREATE_ONLY, ObjectWriter, Storage
 
 log = logging.getLogger("cloudbk.backup")
@@ -162,8 +170,6 @@ class _TarUpload:
         self.files.append((entry.path, entry.size, entry.sha256))
 
     def finish(self, tablespace_oid: int | None) -> TarEntry:
-        from cloudbk.repo.manifest import FileEntry
-
         self.tar.close()
         self.pipe.close()
         self.compressor.finish()

@@ -18,10 +18,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from cloudbk.backup.inflight import DEFAULT_STALE_UPLOAD_AGE
 from cloudbk.config import Settings
 from cloudbk.errors import UsageError
 from cloudbk.lifecycle.retention import DEFAULT_MINIMUM_REDUNDANCY, Policy, parse_window
+from cloudbk.repo.inflight import DEFAULT_STALE_UPLOAD_AGE
 
 RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
 CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.lifecycle.actions import keep_backup, load_catalog, release_backup, resolve_backup
-    from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE
+    from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE
 
     with open_repo(settings) as storage:
         if args.status:

@@ -6,7 +6,7 @@ Expires the backups the policy no longer needs and the WAL older than the oldest
 from cron. ``--dry-run`` lists every backup with its fate and every object that would be deleted.
 It also aborts the incomplete uploads (S3 multipart) that a killed backup-push or wal-push left under the
 server's prefix, once older than ``--stale-upload-age`` (default one day) and claimed by no running backup's
-heartbeat (:mod:`cloudbk.backup.inflight`).
+heartbeat (:mod:`cloudbk.repo.inflight`).
 """
 
 from __future__ import annotations

@@ -40,10 +40,11 @@ from cloudbk.lifecycle.retention import DEFAULT_MINIMUM_REDUNDANCY
 from cloudbk.pg.conn import PgConnection
 from cloudbk.pg.walnames import SEGMENT, parse_wal_name
 from cloudbk.repo import layout
-from cloudbk.repo.catalog import Catalog
+from cloudbk.repo.catalog import Catalog, damaged_hint, load_catalog
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import parse_time
 from cloudbk.storage.base import CREATE_ONLY, Storage
+from cloudbk.wal.verify import GAP, verify_index
 
 DEFAULT_MAX_BACKUP_AGE = timedelta(hours=36)  # a daily backup, plus slack for one that runs long
 DEFAULT_MAX_WAL_LAG = 16  # segments waiting to be archived before the archiver counts as stuck
@@ -327,7 +328,6 @@ def _check_last_archived(
 
 def _check_repository(report: CheckReport, storage: Storage, options: CheckOptions) -> Catalog | None:
     """The ``repository`` and ``repository writable`` checks; the catalog when the repository can be read."""
-    from cloudbk.repo.catalog import load_catalog
 
     try:
         catalog = load_catalog(storage, options.server)
@@ -356,7 +356,6 @@ def _check_repository(report: CheckReport, storage: Storage, options: CheckOptio
 
 def _check_backup_objects(report: CheckReport, catalog: Catalog) -> None:
     """Damaged backups (corrupt manifest, data object missing or not the size the manifest gives), by name."""
-    from cloudbk.repo.catalog import damaged_hint
 
     damaged = sorted(catalog.damaged.items())
     if not damaged:
@@ -374,7 +373,6 @@ def run_checks(
     storage: Storage | None, options: CheckOptions, connect: Connect = CheckConnection, postgres: bool = True
 ) -> CheckReport:
     """Run every check; ``storage`` None means it could not even be opened (reported as unreachable)."""
-    from cloudbk.wal.verify import GAP, verify_index
 
     now = options.now or datetime.now(UTC)
     report = CheckReport(options.server)

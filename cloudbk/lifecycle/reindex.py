@@ -32,6 +32,7 @@ from cloudbk.pg.walnames import (
     segment_name,
 )
 from cloudbk.repo import layout
+from cloudbk.repo.catalog import KEEP_FULL, read_keep_mark
 from cloudbk.repo.compression import DecompressingReader
 from cloudbk.repo.envelope import read_header
 from cloudbk.repo.index import Index, UnreadableIndex, load_index, update_index
@@ -105,9 +106,6 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
         new.system_identifier = new.system_identifier or m.system_identifier
         new.wal_segment_size = new.wal_segment_size or m.wal_segment_size
     # the index mirrors keep marks; the marks themselves are what protects a backup from retention
-    from cloudbk.lifecycle.actions import read_keep_mark
-    from cloudbk.lifecycle.retention import KEEP_FULL
-
     for backup_id in kept:
         if backup_id in new.backups:
             new.backups[backup_id]["keep"] = read_keep_mark(storage, server, backup_id) or KEEP_FULL

@@ -39,13 +39,10 @@ from datetime import datetime, timedelta
 
 from cloudbk.errors import UsageError
 from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name
+from cloudbk.repo.catalog import KEEP_MODES, KEEP_STANDALONE
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import BackupSummary, parse_time
+from cloudbk.repo.manifest import BackupSummary, order_backups, parse_time
 from cloudbk.repo.ranges import Ranges, gaps, merge
-
-KEEP_FULL = "full"
-KEEP_STANDALONE = "standalone"
-KEEP_MODES = (KEEP_FULL, KEEP_STANDALONE)
 
 #: retention and ``delete`` never leave fewer backups than this unless told to (``--force`` for delete)
 DEFAULT_MINIMUM_REDUNDANCY = 1
@@ -111,16 +108,6 @@ class Policy:
             assert self.recovery_window is not None
             text = f"RECOVERY WINDOW OF {format_window(self.recovery_window)}"
         return f"{text}, MINIMUM REDUNDANCY {self.minimum_redundancy}"
-
-
-def backup_order_key(backup: BackupSummary) -> tuple[int, datetime, int, str]:
-    """Where a backup sits in the archive's history: end LSN, then end time. The id only breaks exact ties."""
-    return (backup.end_lsn, parse_time(backup.end_time), backup.begin_lsn, backup.id)
-
-
-def order_backups(backups: Sequence[BackupSummary]) -> list[BackupSummary]:
-    """Oldest first, by :func:`backup_order_key`."""
-    return sorted(backups, key=backup_order_key)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,13 @@ _RELFILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
 
 
 @dataclass(frozen=True)
+class Tablespace:
+    oid: int
+    name: str
+    location: str  # the directory pg_tblspc/<oid> pointed at when the backup was taken
+
+
+@dataclass(frozen=True)
 class Entry:
     """One thing to put in the tar: ``kind`` is 'd' (directory), 'f' (file) or 'l' (a dangling symbolic link,
     recorded but not in the tar). ``target`` is set when the entry was reached through a symbolic link of

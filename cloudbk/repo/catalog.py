@@ -30,13 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudbk.errors import IntegrityError, NotFound, OperationFailed
-from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_MODES, order_backups
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, CorruptManifest, Manifest
+from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, CorruptManifest, Manifest, order_backups
 from cloudbk.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("cloudbk.repo.catalog")
+
+#: keep modes (``cloudbk keep``): ``full`` keeps all WAL after the backup, ``standalone`` only its own
+KEEP_FULL = "full"
+KEEP_STANDALONE = "standalone"
+KEEP_MODES = (KEEP_FULL, KEEP_STANDALONE)
 
 REINDEX_HINT = "run `cloudbk reindex` to rebuild the index from the objects"
 

@@ -10,12 +10,13 @@ as UTC ISO 8601 (``2026-11-21T09:30:12.123456Z``). See docs/format.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from cloudbk.errors import IntegrityError, refuse_newer_format
+from cloudbk.pg.datadir import Tablespace
 from cloudbk.pg.walnames import format_lsn, parse_lsn
 
 MANIFEST_FORMAT_VERSION = 1
@@ -69,13 +70,6 @@ _SHARED_FIELDS: dict[str, Callable[[Any], Any]] = {
 def _read_shared(doc: dict[str, Any]) -> dict[str, Any]:
     """The shared fields of a manifest or summary document (KeyError/ValueError/TypeError on bad input)."""
     return {name: convert(doc[name]) for name, convert in _SHARED_FIELDS.items()}
-
-
-@dataclass(frozen=True)
-class Tablespace:
-    oid: int
-    name: str
-    location: str  # the directory pg_tblspc/<oid> pointed at when the backup was taken
 
 
 @dataclass(frozen=True)
@@ -326,3 +320,13 @@ def complete_backups(entries: dict[str, dict[str, Any]], where: str = "index") -
     """The complete backups of an index, oldest first (by end LSN, then end time)."""
     backups = [BackupSummary.from_dict(doc, where) for doc in entries.values()]
     return sorted((b for b in backups if b.status == STATUS_COMPLETE), key=lambda b: b.sort_key)
+
+
+def backup_order_key(backup: BackupSummary) -> tuple[int, datetime, int, str]:
+    """Where a backup sits in the archive's history: end LSN, then end time. The id only breaks exact ties."""
+    return (backup.end_lsn, parse_time(backup.end_time), backup.begin_lsn, backup.id)
+
+
+def order_backups(backups: Sequence[BackupSummary]) -> list[BackupSummary]:
+    """Oldest first, by :func:`backup_order_key`."""
+    return sorted(backups, key=backup_order_key)

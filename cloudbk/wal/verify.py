@@ -41,8 +41,10 @@ from cloudbk.pg.walnames import (
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BackupSummary
+from cloudbk.repo.pitr import Target, on_path, plan_recovery, timeline_path
 from cloudbk.repo.ranges import Ranges, merge, runs
 from cloudbk.storage.base import Storage
+from cloudbk.wal.fetch import read_verified
 
 GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM = "gap", "foreign", "corrupt", "history"
 DEEP_WORKERS = 8
@@ -181,8 +183,6 @@ def required_ranges(
 ) -> tuple[dict[int, Ranges], set[int]]:
     """Per timeline, the segments a recovery needs from the oldest backup on each timeline's path to the newest
     segment archived on it (the plan ``cloudbk restore`` would make); and the timelines some backup reaches."""
-    from cloudbk.repo.pitr import Target, on_path, plan_recovery, timeline_path
-
     required: dict[int, Ranges] = {}
     reachable: set[int] = set()
     timelines = set(index.segments) | set(index.histories) | {b.timeline for b in backups}
@@ -259,8 +259,6 @@ class _FirstBytes:
 
 
 def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -> list[Problem]:
-    from cloudbk.wal.fetch import read_verified
-
     name = layout.wal_name_from_key(key)
     wal = parse_wal_name(name)
     first = _FirstBytes()

@@ -17,9 +17,10 @@ from cloudbk.lifecycle.actions import (
     read_keep_marks,
     release_backup,
 )
-from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE, Policy
+from cloudbk.lifecycle.retention import Policy
 from cloudbk.pg.walnames import segment_name
 from cloudbk.repo import layout
+from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE
 from cloudbk.repo.index import load_index, update_index
 from cloudbk.storage.memory import MemoryStorage
 
