@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from cloudbk.config import WAL_RETRY_DEADLINE, Settings
-from cloudbk.errors import CloudbkError
+from cloudbk.errors import CloudbkError, Terminated
 from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk")
@@ -24,10 +24,6 @@ def open_repo(settings: Settings, deadline: float = WAL_RETRY_DEADLINE) -> Stora
     from cloudbk.storage.registry import open_storage
 
     return open_storage(settings.require_repo(), settings.storage_options(deadline))
-
-
-class Terminated(BaseException):
-    """Raised in place of dying on SIGTERM, so ``finally`` blocks remove temporary files and abort uploads."""
 
 
 @contextmanager

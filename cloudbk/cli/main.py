@@ -18,8 +18,7 @@ from types import ModuleType, TracebackType
 from typing import NoReturn
 
 from cloudbk import __version__
-from cloudbk.cli.common import Terminated
-from cloudbk.errors import CloudbkError, ExitCode, UsageError
+from cloudbk.errors import CloudbkError, ExitCode, Terminated, UsageError
 from cloudbk.redact import redact_text
 
 # command name -> module under cloudbk.cli

@@ -20,7 +20,7 @@ import concurrent.futures as cf
 import logging
 from dataclasses import dataclass, field
 
-from cloudbk.errors import IntegrityError, NotFound, UsageError
+from cloudbk.errors import CorruptManifest, IntegrityError, NotFound, UnreadableIndex, UsageError
 from cloudbk.pg.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY,
@@ -35,8 +35,8 @@ from cloudbk.repo import layout
 from cloudbk.repo.catalog import KEEP_FULL, read_keep_mark
 from cloudbk.repo.compression import DecompressingReader
 from cloudbk.repo.envelope import read_header
-from cloudbk.repo.index import Index, UnreadableIndex, load_index, update_index
-from cloudbk.repo.manifest import CorruptManifest, Manifest
+from cloudbk.repo.index import Index, load_index, update_index
+from cloudbk.repo.manifest import Manifest
 from cloudbk.storage.base import Storage
 from cloudbk.wal.fetch import read_verified
 

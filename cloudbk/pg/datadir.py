@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cloudbk.errors import OperationFailed, UsageError
+from cloudbk.errors import LinkLoop, OperationFailed
 
 log = logging.getLogger("cloudbk.pg.datadir")
 
@@ -89,17 +89,6 @@ def _skip_file(name: str, rel_dir: str, unlogged: set[str]) -> bool:
         if m and m.group(1) in unlogged and m.group(3) != "init":
             return True
     return False
-
-
-class LinkLoop(UsageError):
-    """A symbolic link leads back into a directory the walk is inside of: following it would never end."""
-
-    def __init__(self, path: str, target: str) -> None:
-        super().__init__(
-            f"symbolic link {path} -> {target} leads back into a directory that contains it",
-            key=path,
-            hint="a backup follows symbolic links in the data directory; remove this one or point it elsewhere",
-        )
 
 
 def _link_entry(d: os.DirEntry[str], rel: str) -> Entry | None:

@@ -29,10 +29,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk.errors import IntegrityError, NotFound, OperationFailed
+from cloudbk.errors import CorruptManifest, IntegrityError, NotFound, OperationFailed
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, CorruptManifest, Manifest, order_backups
+from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, Manifest, order_backups
 from cloudbk.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("cloudbk.repo.catalog")

@@ -22,6 +22,7 @@ from cloudbk.errors import (
     NotFound,
     PreconditionFailed,
     StorageError,
+    UnreadableIndex,
     refuse_newer_format,
 )
 from cloudbk.pg.walnames import HistoryEntry, format_lsn, parse_lsn
@@ -36,11 +37,6 @@ CAS_DEADLINE = 120.0  # seconds of conflicts before giving up; each round trip i
 def format_index_time(moment: datetime) -> str:
     """UTC ISO 8601 with microseconds and a Z: sortable as text (``updated_at``, ``last_push``)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class UnreadableIndex(IntegrityError):
-    """The index object was read but does not parse (truncated, not JSON, fields missing). Not raised for an
-    index of a newer format version: that one is refused, never replaced."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from cloudbk.errors import IntegrityError, refuse_newer_format
+from cloudbk.errors import CorruptManifest, IntegrityError, refuse_newer_format
 from cloudbk.pg.datadir import Tablespace
 from cloudbk.pg.walnames import format_lsn, parse_lsn
 
@@ -35,10 +35,6 @@ def parse_time(text: str) -> datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment
-
-
-class CorruptManifest(IntegrityError):
-    """A manifest that was read but is not valid (not JSON, not an object, fields missing or malformed)."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloudbk.errors import CloudbkError, ExitCode, IntegrityError, NotFound, UsageError
+from cloudbk.errors import (
+    ArchiveNotConfigured,
+    CloudbkError,
+    IntegrityError,
+    LocalWriteError,
+    NotFound,
+    UsageError,
+)
 from cloudbk.pg.walnames import parse_wal_name
 from cloudbk.repo import layout
 from cloudbk.repo.compression import READ_CHUNK, DecompressingReader
@@ -44,18 +51,6 @@ log = logging.getLogger("cloudbk.wal.fetch")
 #: the ``kind`` of every WAL object's envelope header
 HEADER_KIND = "wal"
 TMP_INFIX = ".cloudbk-tmp-"
-
-
-class LocalWriteError(CloudbkError):
-    """The fetched file could not be written to the destination (disk full, permissions)."""
-
-    exit_code = ExitCode.OTHER
-
-
-class ArchiveNotConfigured(CloudbkError):
-    """The repository holds no archive for this server: a configuration error, never "file absent"."""
-
-    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
