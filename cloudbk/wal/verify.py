@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk.errors import CloudbkError, NotFound, UsageError
+from cloudbk.errors import CloudbkError, NotFound, StorageError, UsageError
 from cloudbk.pg.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY,
@@ -268,7 +268,7 @@ def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -
     except NotFound:
         return [Problem(GAP, f"{name} disappeared while being verified", timeline=wal.timeline, key=key)]
     except CloudbkError as exc:
-        if exc.exit_code == 2:  # storage failing after retries: not a verdict about the object
+        if isinstance(exc, StorageError):  # storage failing after retries: not a verdict about the object
             raise
         return [Problem(CORRUPT, f"{name}: {exc.message}", timeline=wal.timeline, key=key)]
     problems: list[Problem] = []
