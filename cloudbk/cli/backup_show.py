@@ -20,23 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.cli.backup_list import describe, wal_text
-    from cloudbk.errors import NotFound, OperationFailed
-    from cloudbk.repo import layout
-    from cloudbk.repo.catalog import load_catalog, resolve_backup
-    from cloudbk.repo.manifest import Manifest, parse_time
+    from cloudbk.repo.catalog import load_catalog, load_manifest, resolve_backup
+    from cloudbk.repo.manifest import parse_time
 
     storage = open_repo(settings)
     try:
         catalog = load_catalog(storage, settings.server)
         index = catalog.index
         summary = resolve_backup(catalog, args.backup_id)  # a damaged backup is an error naming what is wrong
-        key = layout.backup_manifest_key(settings.server, summary.id)
-        try:
-            manifest = Manifest.from_json(storage.get_bytes(key), key)
-        except NotFound as exc:
-            raise OperationFailed(
-                f"backup {summary.id} is in the index but its manifest is gone", key=key, hint="run `cloudbk reindex`"
-            ) from exc
+        manifest = load_manifest(storage, settings.server, summary.id)
     finally:
         storage.close()
 

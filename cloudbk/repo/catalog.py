@@ -26,6 +26,7 @@ page, on that path only).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,14 +245,32 @@ def resolve_backup(catalog: Catalog, backup_id: str) -> BackupSummary:
             key=layout.backup_prefix(catalog.index.server, backup_id),
             hint=damaged_hint(backup_id),
         )
-    found = catalog.find(backup_id)
+    return find_backup(catalog.backups, backup_id, catalog.index.server)
+
+
+def find_backup(backups: Sequence[BackupSummary], backup_id: str, server: str) -> BackupSummary:
+    """The backup ``backup_id`` among ``backups``; ``OperationFailed`` naming the server when it is not there."""
+    found = next((b for b in backups if b.id == backup_id), None)
     if found is None:
         raise OperationFailed(
-            f"backup {backup_id} does not exist in server {catalog.index.server!r}",
+            f"backup {backup_id} does not exist in server {server!r}",
             key=backup_id,
             hint="see `cloudbk backup-list` for the backup ids",
         )
     return found
+
+
+def load_manifest(storage: Storage, server: str, backup_id: str) -> Manifest:
+    """The manifest of a backup the index or a LIST showed; ``OperationFailed`` when it is gone since."""
+    key = layout.backup_manifest_key(server, backup_id)
+    try:
+        return Manifest.from_json(storage.get_bytes(key), key)
+    except NotFound as exc:
+        raise OperationFailed(
+            f"backup {backup_id} is in the index but its manifest {key} is gone",
+            key=key,
+            hint="run `cloudbk reindex`, then choose another backup",
+        ) from exc
 
 
 def refuse_damaged(catalog: Catalog, backup_id: str | None) -> None:
