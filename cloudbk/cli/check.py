@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import check_limits
+    from cloudbk.config import check_limits
     from cloudbk.lifecycle.checks import DEFAULT_MAX_BACKUP_AGE, DEFAULT_MAX_WAL_LAG, CheckOptions, run_checks
 
     age, lag, minimum = check_limits(settings, args.max_backup_age, args.max_wal_lag, args.minimum_redundancy)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import minimum_redundancy
+    from cloudbk.config import minimum_redundancy
     from cloudbk.lifecycle.actions import delete_backup
 
     floor = minimum_redundancy(settings, None)

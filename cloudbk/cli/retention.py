@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import retention_policy, stale_upload_age
+    from cloudbk.config import retention_policy, stale_upload_age
     from cloudbk.lifecycle.actions import apply_retention, describe_plan
     from cloudbk.pg.walnames import segment_name
 
