@@ -41,7 +41,6 @@ from cloudbk.repo.catalog import resolve_backup as resolve_backup
 from cloudbk.repo.index import Index, update_index
 from cloudbk.repo.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
 from cloudbk.repo.manifest import BackupSummary, format_time
-from cloudbk.repo.ranges import gaps
 from cloudbk.storage.base import Storage, UploadInfo
 
 log = logging.getLogger("cloudbk.lifecycle.actions")
@@ -247,13 +246,11 @@ def _expire_in_index(plan: RetentionPlan, ids: list[str], keeps: dict[str, str])
 
     def mutate(index: Index) -> bool:
         changed = drop(index)
-        keep_from = plan.wal_keep_from
-        if keep_from is not None:
+        if plan.wal_keep_from is not None:
             for timeline, ranges in list(index.segments.items()):
-                for a, b in [list(r) for r in ranges if r[0] < keep_from]:
-                    for first, last in gaps(plan.protected.get(timeline, []), a, min(b, keep_from - 1)):
-                        index.remove_segments(timeline, first, last)
-                        changed = True
+                for first, last in plan.segments_going(timeline, ranges):
+                    index.remove_segments(timeline, first, last)
+                    changed = True
             going = [name for name in index.other_files if plan.wal_deletable(name)]
             if going:
                 index.other_files = [name for name in index.other_files if name not in going]

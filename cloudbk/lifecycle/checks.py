@@ -209,24 +209,19 @@ def _check_postgres(
             report.add("PostgreSQL", False, f"query failed: {exc.message}")
 
 
+def _setting_check(report: CheckReport, conn: CheckConnection, name: str, allowed: tuple[str, ...], fix: str) -> None:
+    """A server setting that must have one of the ``allowed`` values; ``fix`` says how (a restart follows)."""
+    value = conn.setting(name)
+    ok = value in allowed
+    report.add(name, ok, "" if ok else f"{name} is {value!r}", None if ok else f"{fix} and restart PostgreSQL")
+
+
 def _postgres_checks(
     report: CheckReport, options: CheckOptions, index: Index | None, storage: Storage | None, conn: CheckConnection
 ) -> None:
     report.add("PostgreSQL", True, f"version {conn.version}")
-    mode = conn.setting("archive_mode")
-    report.add(
-        "archive_mode",
-        mode in ("on", "always"),
-        "" if mode in ("on", "always") else f"archive_mode is {mode!r}",
-        None if mode in ("on", "always") else "set archive_mode = on in postgresql.conf and restart PostgreSQL",
-    )
-    level = conn.setting("wal_level")
-    report.add(
-        "wal_level",
-        level in ("replica", "logical"),
-        "" if level in ("replica", "logical") else f"wal_level is {level!r}",
-        None if level in ("replica", "logical") else "set wal_level = replica and restart PostgreSQL",
-    )
+    _setting_check(report, conn, "archive_mode", ("on", "always"), "set archive_mode = on in postgresql.conf")
+    _setting_check(report, conn, "wal_level", ("replica", "logical"), "set wal_level = replica")
     library = conn.setting("archive_library") if conn.version >= 150000 else ""
     command = conn.setting("archive_command")
     problem = (

@@ -151,6 +151,17 @@ class RetentionPlan:
             return False
         return not any(a <= segno <= b for a, b in self.protected.get(timeline, []))
 
+    def segments_going(self, timeline: int, ranges: Ranges) -> Ranges:
+        """The part of ``ranges`` (archived segments of ``timeline``) this plan deletes: below ``wal_keep_from``
+        and outside the protected ranges."""
+        if self.wal_keep_from is None:
+            return []
+        going: Ranges = []
+        for a, b in ranges:
+            if a < self.wal_keep_from:
+                going.extend(gaps(self.protected.get(timeline, []), a, min(b, self.wal_keep_from - 1)))
+        return going
+
     def wal_deletable(self, name: str) -> bool:
         """Whether the archived WAL file ``name`` goes under this plan. History files never go."""
         wal = parse_wal_name(name)
@@ -223,13 +234,8 @@ def plan_retention(
             first, last = lsn_segno(kept.begin_lsn, segment_size), lsn_segno(kept.end_lsn, segment_size)
             plan.protected[kept.timeline] = merge([*plan.protected.get(kept.timeline, []), [first, last]])
 
-    keep_from = plan.wal_keep_from
     for timeline, ranges in sorted(index.segments.items()):
-        below = [[a, min(b, keep_from - 1)] for a, b in ranges if a < keep_from]
-        going: Ranges = []
-        for a, b in below:
-            # what is left of [a, b] outside the protected ranges
-            going.extend(gaps(plan.protected.get(timeline, []), a, b))
+        going = plan.segments_going(timeline, ranges)
         if going:
             plan.wal_ranges[timeline] = going
     plan.other_files = [name for name in index.other_files if plan.wal_deletable(name)]
