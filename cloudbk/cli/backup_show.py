@@ -6,7 +6,7 @@ import argparse
 import json
 
 from cloudbk.cli.common import open_repo
-from cloudbk.cli.output import human_duration, human_size
+from cloudbk.cli.output import describe_backup, human_duration, human_size, wal_text
 from cloudbk.config import Settings
 
 HELP = "show one backup (ID or 'latest'): WAL range, times, sizes, tablespaces, WAL archived after it"
@@ -19,7 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli.backup_list import describe, wal_text
     from cloudbk.repo.catalog import load_catalog, load_manifest, resolve_backup
     from cloudbk.repo.manifest import parse_time
 
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         storage.close()
 
-    doc = describe(index, summary)
+    doc = describe_backup(index, summary)
     doc["tablespaces"] = [{"oid": t.oid, "name": t.name, "location": t.location} for t in manifest.tablespaces]
     doc["tars"] = [
         {"name": t.name, "tablespace_oid": t.tablespace_oid, "size": t.size, "sha256": t.sha256,

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.lifecycle.actions import keep_backup, load_catalog, release_backup, resolve_backup
-    from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE
+    from cloudbk.lifecycle.actions import keep_backup, release_backup
+    from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE, load_catalog, resolve_backup
 
     with open_repo(settings) as storage:
         if args.status:

@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.lifecycle.actions import load_catalog
     from cloudbk.pg.walnames import segment_name
+    from cloudbk.repo.catalog import load_catalog
     from cloudbk.wal.verify import FOREIGN, GAP, verify_deep, verify_index
 
     with open_repo(settings) as storage:

@@ -30,14 +30,7 @@ from cloudbk.lifecycle.retention import (
 )
 from cloudbk.pg.walnames import HISTORY, parse_wal_name
 from cloudbk.repo import layout
-
-# what exists is decided in cloudbk.repo.catalog; re-exported, as callers know these names from here
-from cloudbk.repo.catalog import KEEP_FULL, KEEP_MODES
-from cloudbk.repo.catalog import Catalog as Catalog
-from cloudbk.repo.catalog import load_catalog as load_catalog
-from cloudbk.repo.catalog import read_keep_mark as read_keep_mark
-from cloudbk.repo.catalog import read_keep_marks as read_keep_marks
-from cloudbk.repo.catalog import resolve_backup as resolve_backup
+from cloudbk.repo.catalog import KEEP_FULL, KEEP_MODES, Catalog, load_catalog, resolve_backup
 from cloudbk.repo.index import Index, update_index
 from cloudbk.repo.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
 from cloudbk.repo.manifest import BackupSummary, format_time
