@@ -24,6 +24,11 @@ class ExitCode:
     FETCH_FATAL = 126
 
 
+class Terminated(BaseException):
+    """Raised in place of dying on SIGTERM (``cloudbk.cli.common.terminate_on_sigterm``), so ``finally`` blocks
+    remove temporary files and abort uploads; not an error, so ``except Exception`` does not catch it."""
+
+
 class CloudbkError(Exception):
     """Base class. ``exit_code`` is what the CLI returns for it."""
 
@@ -78,6 +83,77 @@ class OperationFailed(CloudbkError):
     """The operation could not be done (for example: a backup that does not exist)."""
 
     exit_code = ExitCode.FAILED
+
+
+# --- what the use cases raise ---------------------------------------------------------------------------
+
+
+class ArchiveNotConfigured(CloudbkError):
+    """The repository holds no archive for this server: a configuration error, never "file absent"."""
+
+    exit_code = ExitCode.USAGE
+
+
+class LocalWriteError(CloudbkError):
+    """The fetched file could not be written to the destination (disk full, permissions)."""
+
+    exit_code = ExitCode.OTHER
+
+
+class IndexUpdateFailed(CloudbkError):
+    """The WAL file is durably stored, but the index could not be updated to list it.
+
+    The push reports failure (with the exit code of the underlying error) so PostgreSQL retries it: the
+    retry finds the identical object, which is success, and finishes the index update. Exiting 0 would
+    leave a silent hole in the index that PITR planning and retention trust.
+    """
+
+    def __init__(self, cause: CloudbkError, name: str, key: str) -> None:
+        super().__init__(
+            f"{name} is stored durably at {key}, but the index could not be updated: {cause.message}",
+            key=key,
+            hint="PostgreSQL will retry this push, which is safe and completes the index update; "
+            "if the index itself is damaged run `cloudbk reindex`",
+        )
+        self.exit_code = cause.exit_code
+        self.cause = cause
+
+
+class DatabaseError(CloudbkError):
+    """PostgreSQL refused a request or the connection failed."""
+
+
+class LinkLoop(UsageError):
+    """A symbolic link leads back into a directory the walk is inside of: following it would never end."""
+
+    def __init__(self, path: str, target: str) -> None:
+        super().__init__(
+            f"symbolic link {path} -> {target} leads back into a directory that contains it",
+            key=path,
+            hint="a backup follows symbolic links in the data directory; remove this one or point it elsewhere",
+        )
+
+
+class UnreadableIndex(IntegrityError):
+    """The index object was read but does not parse (truncated, not JSON, fields missing). Not raised for an
+    index of a newer format version: that one is refused, never replaced."""
+
+
+class CorruptManifest(IntegrityError):
+    """A manifest that was read but is not valid (not JSON, not an object, fields missing or malformed)."""
+
+
+class UnsafeMember(IntegrityError):
+    """A tar member would escape the destination or is of a type a backup never holds."""
+
+
+class LinkEscapes(Exception):
+    """A link would resolve outside the root (``reason`` says how). Internal to restore: the tar extractor
+    reports it as :class:`UnsafeMember`, naming the member."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # --- storage taxonomy -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import os
 import posixpath
 from collections.abc import Mapping
 
-from cloudbk.errors import UsageError
+from cloudbk.errors import LinkEscapes, UsageError
 from cloudbk.repo.manifest import LinkEntry, TarEntry
 
 log = logging.getLogger("cloudbk.backup.restore")
@@ -42,14 +42,6 @@ RESERVED: dict[str, str] = {
     "global": "dir",
     "pg_tblspc": "dir",
 }
-
-
-class LinkEscapes(Exception):
-    """A link would resolve outside the root (``reason`` says how)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def resolve(rel: str, links: Mapping[str, str], outward: frozenset[str] = frozenset()) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import itertools
 import logging
 import os
 import pwd
@@ -27,17 +28,18 @@ from datetime import UTC, datetime
 
 from cloudbk.backup.links import RESERVED, requested_links
 from cloudbk.backup.tarextract import SafeExtractor
-from cloudbk.errors import CloudbkError, IntegrityError, NotFound, OperationFailed, UsageError
+from cloudbk.errors import CloudbkError, IntegrityError, OperationFailed, UsageError
 from cloudbk.pg.datadir import PG_CONTROL, TABLESPACE_MAP
 from cloudbk.pg.walnames import history_name, segment_name
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
-from cloudbk.repo.catalog import load_catalog, refuse_damaged
+from cloudbk.repo.catalog import load_catalog, load_manifest, refuse_damaged
 from cloudbk.repo.compression import DecompressingReader
 from cloudbk.repo.envelope import read_header
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BASE_TAR, Manifest, TarEntry
-from cloudbk.repo.pitr import RecoveryPlan, Stretch, Target, check_reach, choose_backup, plan_recovery
+from cloudbk.repo.pitr import RecoveryPlan, Stretch, Target, check_complete, check_reach, choose_backup, plan_recovery
+from cloudbk.repo.ranges import runs
 from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk.backup.restore")
@@ -113,13 +115,12 @@ def confirm_missing(storage: Storage, server: str, plan: RecoveryPlan) -> Recove
 
 
 def _ranges(items: list[tuple[int, int]]) -> list[Stretch]:
-    out: list[Stretch] = []
-    for tli, n in items:
-        if out and out[-1].timeline == tli and out[-1].last == n - 1:
-            out[-1] = Stretch(tli, out[-1].first, n)
-        else:
-            out.append(Stretch(tli, n, n))
-    return out
+    """(timeline, segment number) pairs -> stretches of consecutive segments, in the order given."""
+    return [
+        Stretch(tli, a, b)
+        for tli, group in itertools.groupby(items, key=lambda item: item[0])
+        for a, b in runs(n for _, n in group)
+    ]
 
 
 def prepare(storage: Storage, server: str, options: RestoreOptions) -> tuple[Index, RecoveryPlan, Manifest]:
@@ -132,16 +133,7 @@ def prepare(storage: Storage, server: str, options: RestoreOptions) -> tuple[Ind
         check_reach(plan)  # before any other storage work
     if not plan.complete:
         plan = confirm_missing(storage, server, plan)
-    key = layout.backup_manifest_key(server, backup.id)
-    try:
-        manifest = Manifest.from_json(storage.get_bytes(key), key)
-    except NotFound as exc:
-        raise OperationFailed(
-            f"backup {backup.id} is in the index but its manifest {key} is gone",
-            key=key,
-            hint="run `cloudbk reindex`, then choose another backup",
-        ) from exc
-    return index, plan, manifest
+    return index, plan, load_manifest(storage, server, backup.id)
 
 
 # -- destinations ---------------------------------------------------------------------------------------------
@@ -404,12 +396,8 @@ def restore(
 ) -> RestoreResult:
     """Extract ``manifest``'s backup into ``options.dest`` and configure the recovery ``plan``."""
     progress = progress or NoProgress()
-    if not plan.complete and not options.force:
-        raise OperationFailed(
-            "the archive lacks WAL this recovery needs: " + "; ".join(plan.describe_missing()),
-            hint="nothing was written. Choose another target or backup, or pass --force to restore anyway "
-            "(recovery will stop at the first missing segment)",
-        )
+    if not options.force:
+        check_complete(plan)
     base = _base_tar(manifest)
     dest = os.path.abspath(options.dest)
     targets = tablespace_targets(manifest, options.tablespace_mapping)

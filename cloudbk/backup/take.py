@@ -6,7 +6,7 @@ Order of writes (data first, index after, manifest last — readers go the other
 2. ``global/pg_control`` read last, then ``pg_backup_stop``; its ``backup_label`` and ``tablespace_map``
    and then pg_control end the PGDATA tar (a tar cut short has no pg_control, so it cannot start a server);
 3. wait, bounded, until the WAL from the begin to the end segment is in the archive (SPEC §3 rule 4);
-   all along, a heartbeat object claims the backup's uploads (:mod:`cloudbk.backup.inflight`), so retention aborts
+   all along, a heartbeat object claims the backup's uploads (:mod:`cloudbk.repo.inflight`), so retention aborts
    only those of a backup-push that died;
 4. the manifest, create-only: from here on the backup exists;
 5. the index entry, by compare-and-swap.
@@ -28,18 +28,26 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from cloudbk import __version__
-from cloudbk.backup.inflight import Heartbeat
 from cloudbk.backup.tarstream import PipeSink, TarWriter
 from cloudbk.errors import AlreadyExists, CloudbkError, ConflictError, OperationFailed, UsageError
 from cloudbk.pg.conn import BackupStop, parse_backup_label, pg_control_system_identifier
-from cloudbk.pg.datadir import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, scan_data_directory, scan_tablespace
+from cloudbk.pg.datadir import (
+    BACKUP_LABEL,
+    PG_CONTROL,
+    TABLESPACE_MAP,
+    Entry,
+    Tablespace,
+    scan_data_directory,
+    scan_tablespace,
+)
 from cloudbk.pg.walnames import lsn_segno, segment_name
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
 from cloudbk.repo.compression import CompressingWriter
 from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import Index, load_index, update_index
-from cloudbk.repo.manifest import BASE_TAR, LinkEntry, Manifest, Tablespace, TarEntry, format_time
+from cloudbk.repo.inflight import Heartbeat
+from cloudbk.repo.manifest import BASE_TAR, FileEntry, LinkEntry, Manifest, TarEntry, format_time
 from cloudbk.storage.base import CREATE_ONLY, ObjectWriter, Storage
 
 log = logging.getLogger("cloudbk.backup")
@@ -162,8 +170,6 @@ class _TarUpload:
         self.files.append((entry.path, entry.size, entry.sha256))
 
     def finish(self, tablespace_oid: int | None) -> TarEntry:
-        from cloudbk.repo.manifest import FileEntry
-
         self.tar.close()
         self.pipe.close()
         self.compressor.finish()
@@ -249,11 +255,18 @@ def wait_for_wal(
         delay = min(delay * 2, 2.0)
 
 
-def take_backup(
-    storage: Storage, server: str, source: BackupSource, options: BackupOptions, progress: Progress | None = None
-) -> Manifest:
-    """Take one base backup; return its manifest (already stored and indexed)."""
-    progress = progress or NoProgress()
+@dataclass(frozen=True)
+class _Cluster:
+    """What the preflight learned about the server, checked against the data directory and the repository."""
+
+    pgdata: str
+    system_identifier: str
+    segment_size: int
+    tablespaces: list[Tablespace]
+
+
+def _preflight(storage: Storage, server: str, source: BackupSource, options: BackupOptions) -> _Cluster:
+    """Refuse a backup that could not be restored or that belongs to another cluster, before anything is written."""
     pgdata = os.path.abspath(options.pgdata)
     system_identifier = source.system_identifier()
     _check_pgdata(pgdata, system_identifier)
@@ -274,14 +287,126 @@ def take_backup(
             hint="use another --server name for this cluster",
         )
     segment_size = int(source.setting("wal_segment_size"))
-    major = source.version // 10000
     tablespaces = source.tablespaces()
     for ts in tablespaces:
         if not os.path.isdir(ts.location):
             raise OperationFailed(f"tablespace {ts.name} directory {ts.location} is not readable here", key=ts.location)
+    return _Cluster(pgdata, system_identifier, segment_size, tablespaces)
 
-    backup_id = new_backup_id(storage, server)
+
+def _open_uploads(
+    storage: Storage, server: str, backup_id: str, options: BackupOptions, oids: list[int], counter: _Counter,
+    uploads: list[_TarUpload],
+) -> None:  # fmt: skip
+    """Open the PGDATA stream, then one per tablespace (``oids``), appending each to ``uploads`` as it opens."""
     ext = EXTENSIONS[options.compression]
+    threads = max(1, options.compress_threads // (1 + len(oids)))
+    for name in [f"{BASE_TAR}.tar{ext}", *(f"{oid}.tar{ext}" for oid in oids)]:
+        key = layout.backup_object_key(server, backup_id, name)
+        uploads.append(_TarUpload(storage, key, name, options.compression, threads, counter))
+
+
+def _copy_files(
+    pgdata: str, base: _TarUpload, base_entries: list[Entry], ts_uploads: dict[int, _TarUpload],
+    ts_entries: dict[int, list[Entry]], cancel: threading.Event,
+) -> tuple[bytes, dict[int, TarEntry]]:  # fmt: skip
+    """Stream the tablespaces in worker threads and PGDATA here; return pg_control (read last) and the
+    finished tablespace tars. The first stream to fail cancels the others, and its error is the one raised."""
+
+    def stream_tablespace(oid: int) -> TarEntry:
+        try:
+            _stream_entries(ts_uploads[oid], ts_entries[oid])
+            return ts_uploads[oid].finish(oid)
+        except BaseException:
+            cancel.set()  # stop the other streams soon: the backup has failed
+            raise
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, len(ts_uploads)), thread_name_prefix="cloudbk-tblspc") as pool:
+        futures = {oid: pool.submit(stream_tablespace, oid) for oid in ts_uploads}
+        try:
+            _stream_entries(base, base_entries)
+            with open(os.path.join(pgdata, PG_CONTROL), "rb") as f:
+                pg_control = f.read()
+            return pg_control, {oid: fut.result() for oid, fut in futures.items()}
+        except _Cancelled:
+            cf.wait(futures.values())
+            for fut in futures.values():  # report the stream that failed first, not the cancellation
+                error = fut.exception()
+                if error is not None and not isinstance(error, _Cancelled):
+                    raise error from None
+            raise
+        except BaseException:
+            cancel.set()
+            raise
+
+
+@dataclass(frozen=True)
+class _WalRange:
+    timeline: int
+    begin_wal: str
+    end_wal: str
+    begin_seg: int
+    end_seg: int
+    label: dict[str, str]
+
+
+def _wal_range(stop: BackupStop, begin_lsn: int, segment_size: int) -> _WalRange:
+    """The timeline and the WAL segments the backup needs, from the backup_label pg_backup_stop returned."""
+    label = parse_backup_label(stop.backup_label)
+    try:
+        begin_wal = label["START WAL LOCATION"].split("file ")[1].rstrip(")")
+        timeline = int(label["START TIMELINE"])
+    except (KeyError, IndexError, ValueError) as exc:
+        raise OperationFailed(f"PostgreSQL returned a backup_label cloudbk cannot read: {exc!r}") from exc
+    # the stop point ends the backup-end record: its segment is the one before it when it sits on a boundary
+    end_seg = lsn_segno(stop.lsn - 1, segment_size)
+    end_wal = segment_name(timeline, end_seg, segment_size)
+    return _WalRange(timeline, begin_wal, end_wal, lsn_segno(begin_lsn, segment_size), end_seg, label)
+
+
+def _write_manifest(storage: Storage, server: str, manifest: Manifest) -> None:
+    """Store the manifest, create-only: from here on the backup exists."""
+    key = layout.backup_manifest_key(server, manifest.id)
+    try:
+        storage.put_bytes(key, manifest.to_json(), CREATE_ONLY)
+    except AlreadyExists as exc:
+        raise ConflictError(
+            f"backup {manifest.id} already has a manifest: another backup-push used the same id", key=key
+        ) from exc
+
+
+def _index_backup(storage: Storage, server: str, manifest: Manifest) -> None:
+    """Add the stored backup to the index (compare-and-swap)."""
+    summary = manifest.summary()
+
+    def add(idx: Index) -> bool:
+        if idx.system_identifier is None:
+            idx.system_identifier = manifest.system_identifier
+        if idx.wal_segment_size is None:
+            idx.wal_segment_size = manifest.wal_segment_size
+        if idx.backups.get(manifest.id) == summary:
+            return False
+        idx.backups[manifest.id] = summary
+        return True
+
+    try:
+        update_index(storage, server, add)
+    except CloudbkError as exc:
+        raise OperationFailed(
+            f"backup {manifest.id} is stored but the index could not be updated: {exc.message}",
+            key=layout.index_key(server),
+            hint="run `cloudbk reindex` to add it",
+        ) from exc
+
+
+def take_backup(
+    storage: Storage, server: str, source: BackupSource, options: BackupOptions, progress: Progress | None = None
+) -> Manifest:
+    """Take one base backup; return its manifest (already stored and indexed). The steps are the module's."""
+    progress = progress or NoProgress()
+    cluster = _preflight(storage, server, source, options)
+    tablespaces = cluster.tablespaces
+    backup_id = new_backup_id(storage, server)
     uploads: list[_TarUpload] = []
     manifest_written = False
     heartbeat = Heartbeat(storage, server, backup_id)  # claims the uploads below until the backup ends
@@ -291,53 +416,15 @@ def take_backup(
         begin_time = source.clock()
         log.info("backup %s started at %s", backup_id, f"{begin_lsn >> 32:X}/{begin_lsn & 0xFFFFFFFF:X}")
 
-        base_entries = scan_data_directory(pgdata)
+        base_entries = scan_data_directory(cluster.pgdata)
+        major = source.version // 10000
         ts_entries = {ts.oid: scan_tablespace(ts.location, f"PG_{major}_") for ts in tablespaces}
         total = sum(e.size for e in base_entries) + sum(e.size for es in ts_entries.values() for e in es)
         progress.start(f"backup {backup_id}", total)
         counter = _Counter(progress)
-        threads = max(1, options.compress_threads // (1 + len(tablespaces)))
-
-        base = _TarUpload(
-            storage, layout.backup_object_key(server, backup_id, f"{BASE_TAR}.tar{ext}"), f"{BASE_TAR}.tar{ext}",
-            options.compression, threads, counter,
-        )  # fmt: skip
-        uploads.append(base)
-        ts_uploads: dict[int, _TarUpload] = {}
-        for ts in tablespaces:
-            name = f"{ts.oid}.tar{ext}"
-            up = _TarUpload(
-                storage, layout.backup_object_key(server, backup_id, name), name, options.compression, threads, counter
-            )
-            uploads.append(up)
-            ts_uploads[ts.oid] = up
-        cancel = counter.cancel
-
-        def stream_tablespace(oid: int) -> TarEntry:
-            try:
-                _stream_entries(ts_uploads[oid], ts_entries[oid])
-                return ts_uploads[oid].finish(oid)
-            except BaseException:
-                cancel.set()  # stop the other streams soon: the backup has failed
-                raise
-
-        with cf.ThreadPoolExecutor(max_workers=max(1, len(tablespaces)), thread_name_prefix="cloudbk-tblspc") as pool:
-            futures = {oid: pool.submit(stream_tablespace, oid) for oid in ts_uploads}
-            try:
-                _stream_entries(base, base_entries)
-                with open(os.path.join(pgdata, PG_CONTROL), "rb") as f:
-                    pg_control = f.read()
-                ts_tars = {oid: fut.result() for oid, fut in futures.items()}
-            except _Cancelled:
-                cf.wait(futures.values())
-                for fut in futures.values():  # report the stream that failed first, not the cancellation
-                    error = fut.exception()
-                    if error is not None and not isinstance(error, _Cancelled):
-                        raise error from None
-                raise
-            except BaseException:
-                cancel.set()
-                raise
+        _open_uploads(storage, server, backup_id, options, [ts.oid for ts in tablespaces], counter, uploads)
+        base, ts_uploads = uploads[0], {ts.oid: up for ts, up in zip(tablespaces, uploads[1:], strict=True)}
+        pg_control, ts_tars = _copy_files(cluster.pgdata, base, base_entries, ts_uploads, ts_entries, counter.cancel)
 
         stop = source.backup_stop()
         end_time = source.clock()
@@ -349,55 +436,25 @@ def take_backup(
         base_tar = base.finish(None)
         progress.finish()
 
-        label = parse_backup_label(stop.backup_label)
-        try:
-            begin_wal = label["START WAL LOCATION"].split("file ")[1].rstrip(")")
-            timeline = int(label["START TIMELINE"])
-        except (KeyError, IndexError, ValueError) as exc:
-            raise OperationFailed(f"PostgreSQL returned a backup_label cloudbk cannot read: {exc!r}") from exc
-        # the stop point ends the backup-end record: its segment is the one before it when it sits on a boundary
-        end_seg = lsn_segno(stop.lsn - 1, segment_size)
-        begin_seg = lsn_segno(begin_lsn, segment_size)
-        end_wal = segment_name(timeline, end_seg, segment_size)
+        wal = _wal_range(stop, begin_lsn, cluster.segment_size)
         shrunk = sum(u.shrunk for u in uploads)
         if shrunk:
             log.info("%d files shrank while they were copied (normal under load; WAL replay repairs them)", shrunk)
-
-        progress.note(f"waiting for WAL {begin_wal} .. {end_wal} to be archived")
-        wait_for_wal(
-            storage, server, timeline, begin_seg, end_seg, segment_size, options.wal_wait, source.archiver_status
-        )
+        progress.note(f"waiting for WAL {wal.begin_wal} .. {wal.end_wal} to be archived")
+        wait_for_wal(storage, server, wal.timeline, wal.begin_seg, wal.end_seg, cluster.segment_size,
+                     options.wal_wait, source.archiver_status)  # fmt: skip
 
         manifest = Manifest(
-            id=backup_id,
-            server=server,
-            system_identifier=system_identifier,
-            pg_version=source.version,
-            timeline=timeline,
-            begin_lsn=begin_lsn,
-            end_lsn=stop.lsn,
-            begin_wal=begin_wal,
-            end_wal=end_wal,
-            begin_time=format_time(begin_time),
-            end_time=format_time(end_time),
-            wal_segment_size=segment_size,
-            compression=options.compression,
-            tablespaces=tablespaces,
-            tars=[base_tar, *(ts_tars[ts.oid] for ts in tablespaces)],
-            next_xid=next_xid,
-            label=label.get("LABEL", ""),
-            pgdata=pgdata,
-            hostname=socket.gethostname(),
+            id=backup_id, server=server, system_identifier=cluster.system_identifier, pg_version=source.version,
+            timeline=wal.timeline, begin_lsn=begin_lsn, end_lsn=stop.lsn, begin_wal=wal.begin_wal,
+            end_wal=wal.end_wal, begin_time=format_time(begin_time), end_time=format_time(end_time),
+            wal_segment_size=cluster.segment_size, compression=options.compression, tablespaces=tablespaces,
+            tars=[base_tar, *(ts_tars[ts.oid] for ts in tablespaces)], next_xid=next_xid,
+            label=wal.label.get("LABEL", ""), pgdata=cluster.pgdata, hostname=socket.gethostname(),
             tool=f"cloudbk {__version__}",
-        )
+        )  # fmt: skip
         progress.note("writing the manifest")
-        try:
-            storage.put_bytes(layout.backup_manifest_key(server, backup_id), manifest.to_json(), CREATE_ONLY)
-        except AlreadyExists as exc:
-            raise ConflictError(
-                f"backup {backup_id} already has a manifest: another backup-push used the same id",
-                key=layout.backup_manifest_key(server, backup_id),
-            ) from exc
+        _write_manifest(storage, server, manifest)
         manifest_written = True
     except BaseException:
         heartbeat.stop()  # first, so it is not written again after the discard
@@ -407,25 +464,7 @@ def take_backup(
             _discard(storage, server, backup_id)
         raise
     heartbeat.stop()
-
-    def add(idx: Index) -> bool:
-        if idx.system_identifier is None:
-            idx.system_identifier = system_identifier
-        if idx.wal_segment_size is None:
-            idx.wal_segment_size = segment_size
-        if idx.backups.get(backup_id) == manifest.summary():
-            return False
-        idx.backups[backup_id] = manifest.summary()
-        return True
-
-    try:
-        update_index(storage, server, add)
-    except CloudbkError as exc:
-        raise OperationFailed(
-            f"backup {backup_id} is stored but the index could not be updated: {exc.message}",
-            key=layout.index_key(server),
-            hint="run `cloudbk reindex` to add it",
-        ) from exc
+    _index_backup(storage, server, manifest)
     return manifest
 
 

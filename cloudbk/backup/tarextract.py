@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from cloudbk.backup.links import LinkEscapes, check_links
-from cloudbk.backup.tarstream import CHUNK, UnsafeMember, check_member, safe_relpath
-from cloudbk.errors import IntegrityError
+from cloudbk.backup.links import check_links
+from cloudbk.backup.tarstream import CHUNK, check_member, safe_relpath
+from cloudbk.errors import IntegrityError, LinkEscapes, UnsafeMember
 from cloudbk.repo.manifest import FileEntry
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from cloudbk.errors import IntegrityError
+from cloudbk.errors import UnsafeMember
 from cloudbk.repo.manifest import FileEntry
 
 BLOCK = 512
@@ -31,10 +31,6 @@ _ZEROS = bytes(CHUNK)
 
 class Sink(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
-
-
-class UnsafeMember(IntegrityError):
-    """A tar member would escape the destination or is of a type a backup never holds."""
 
 
 # -- writing -------------------------------------------------------------------------------------------------

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from cloudbk.cli.output import human_size, table
+from cloudbk.cli.common import open_repo
+from cloudbk.cli.output import describe_backup, human_size, table, wal_text
 from cloudbk.config import Settings
-from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import BackupSummary
 
 HELP = "list the complete backups with their WAL range, sizes and the WAL archived after them"
 
@@ -22,42 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def describe(index: Index, backup: BackupSummary) -> dict[str, Any]:
-    """A backup's summary plus how far the archive reaches from it without a gap."""
-    from cloudbk.repo.pitr import wal_after
-
-    reach = wal_after(index, backup)
-    doc = backup.to_dict()
-    doc["compression_ratio"] = round(backup.ratio, 2)
-    doc["wal_after"] = {
-        "segments": reach.segments,
-        "last_segment": reach.last,
-        "first_gap": reach.gap,
-        "restorable": reach.consistent,
-    }
-    return doc
-
-
-def wal_text(doc: dict[str, Any]) -> str:
-    wal = doc["wal_after"]
-    if not wal["restorable"]:
-        return f"MISSING {wal['first_gap']}"
-    text = f"to {wal['last_segment']}"
-    if wal["first_gap"]:
-        text += f" (gap at {wal['first_gap']})"
-    return text
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.repo.catalog import load_catalog
-    from cloudbk.storage.registry import open_storage
 
-    storage = open_storage(settings.require_repo(), settings.storage_options())
+    storage = open_repo(settings)
     try:
         catalog = load_catalog(storage, settings.server)  # the backups that count (damaged ones are logged)
     finally:
         storage.close()
-    docs = [describe(catalog.index, b) for b in catalog.backups]
+    docs = [describe_backup(catalog.index, b) for b in catalog.backups]
     if args.json:
         print(json.dumps(docs, indent=1))
         return 0

@@ -10,14 +10,13 @@ import argparse
 import logging
 
 from cloudbk.backup.take import DEFAULT_WAL_WAIT, BackupOptions, take_backup
-from cloudbk.cli.main import terminate_on_sigterm
+from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
 from cloudbk.errors import UsageError
 from cloudbk.pg.walnames import format_lsn
 
 HELP = "take a base backup of a running PostgreSQL server and store it (prints the backup id last)"
-BACKUP_RETRY_DEADLINE = 300.0  # a backup is long; riding out a few minutes of storage trouble is worth it
 
 log = logging.getLogger("cloudbk")
 
@@ -42,12 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.pg.conn import PgConnection
-    from cloudbk.storage.registry import open_storage
 
     if args.wal_wait < 0:
         raise UsageError("--wal-wait must not be negative")
     with terminate_on_sigterm():
-        storage = open_storage(settings.require_repo(), settings.storage_options(BACKUP_RETRY_DEADLINE))
+        storage = open_repo(settings, LONG_RETRY_DEADLINE)
         try:
             with PgConnection(settings.dbname, application_name="cloudbk backup-push") as conn:
                 pgdata = settings.pgdata or conn.data_directory()

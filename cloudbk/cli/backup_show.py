@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from cloudbk.cli.output import human_duration, human_size
+from cloudbk.cli.common import open_repo
+from cloudbk.cli.output import describe_backup, human_duration, human_size, wal_text
 from cloudbk.config import Settings
 
 HELP = "show one backup (ID or 'latest'): WAL range, times, sizes, tablespaces, WAL archived after it"
@@ -18,29 +19,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli.backup_list import describe, wal_text
-    from cloudbk.errors import NotFound, OperationFailed
-    from cloudbk.repo import layout
-    from cloudbk.repo.catalog import load_catalog, resolve_backup
-    from cloudbk.repo.manifest import Manifest, parse_time
-    from cloudbk.storage.registry import open_storage
+    from cloudbk.repo.catalog import load_catalog, load_manifest, resolve_backup
+    from cloudbk.repo.manifest import parse_time
 
-    storage = open_storage(settings.require_repo(), settings.storage_options())
+    storage = open_repo(settings)
     try:
         catalog = load_catalog(storage, settings.server)
         index = catalog.index
         summary = resolve_backup(catalog, args.backup_id)  # a damaged backup is an error naming what is wrong
-        key = layout.backup_manifest_key(settings.server, summary.id)
-        try:
-            manifest = Manifest.from_json(storage.get_bytes(key), key)
-        except NotFound as exc:
-            raise OperationFailed(
-                f"backup {summary.id} is in the index but its manifest is gone", key=key, hint="run `cloudbk reindex`"
-            ) from exc
+        manifest = load_manifest(storage, settings.server, summary.id)
     finally:
         storage.close()
 
-    doc = describe(index, summary)
+    doc = describe_backup(index, summary)
     doc["tablespaces"] = [{"oid": t.oid, "name": t.name, "location": t.location} for t in manifest.tablespaces]
     doc["tars"] = [
         {"name": t.name, "tablespace_oid": t.tablespace_oid, "size": t.size, "sha256": t.sha256,

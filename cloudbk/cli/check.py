@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
-from cloudbk.errors import ExitCode
+from cloudbk.errors import CloudbkError, ExitCode, UsageError
 from cloudbk.redact import redact_text
+from cloudbk.storage.base import Storage
 
 HELP = "check the archiving setup, the repository and the backups; nonzero exit if anything fails"
 CHECK_RETRY_DEADLINE = 10.0
@@ -34,15 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import check_limits
-    from cloudbk.errors import CloudbkError
+    from cloudbk.config import check_limits
     from cloudbk.lifecycle.checks import DEFAULT_MAX_BACKUP_AGE, DEFAULT_MAX_WAL_LAG, CheckOptions, run_checks
-    from cloudbk.storage.registry import open_storage
 
     age, lag, minimum = check_limits(settings, args.max_backup_age, args.max_wal_lag, args.minimum_redundancy)
-    repo = settings.require_repo()
     options = CheckOptions(
-        repo=repo,
+        repo=settings.require_repo(),
         server=settings.server,
         conninfo=settings.dbname,
         max_backup_age=age or DEFAULT_MAX_BACKUP_AGE,
@@ -50,10 +49,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         minimum_redundancy=minimum,
     )
     try:
-        storage = open_storage(repo, settings.storage_options(CHECK_RETRY_DEADLINE))
-    except CloudbkError as exc:
-        if exc.exit_code == ExitCode.USAGE:
-            raise
+        storage: Storage | None = open_repo(settings, CHECK_RETRY_DEADLINE)
+    except UsageError:
+        raise
+    except CloudbkError:
         storage = None
     try:
         report = run_checks(storage, options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
 
 HELP = "delete one backup (not its WAL; see retention)"
@@ -24,12 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import minimum_redundancy
+    from cloudbk.config import minimum_redundancy
     from cloudbk.lifecycle.actions import delete_backup
-    from cloudbk.storage.registry import open_storage
 
     floor = minimum_redundancy(settings, None)
-    with open_storage(settings.require_repo(), settings.storage_options()) as storage:
+    with open_repo(settings) as storage:
         result = delete_backup(storage, settings.server, args.backup_id, force=args.force, minimum_redundancy=floor)
     what = "backup" if result.existed else "leftovers of backup"
     print(f"deleted {what} {result.backup_id} ({len(result.deleted_keys)} objects)")

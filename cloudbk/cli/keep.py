@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
 
 HELP = "keep a backup forever, whatever the retention policy (or --release it)"
@@ -24,11 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.lifecycle.actions import keep_backup, load_catalog, release_backup, resolve_backup
-    from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE
-    from cloudbk.storage.registry import open_storage
+    from cloudbk.lifecycle.actions import keep_backup, release_backup
+    from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE, load_catalog, resolve_backup
 
-    with open_storage(settings.require_repo(), settings.storage_options()) as storage:
+    with open_repo(settings) as storage:
         if args.status:
             catalog = load_catalog(storage, settings.server)
             backup = resolve_backup(catalog, args.backup_id)

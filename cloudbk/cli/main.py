@@ -13,13 +13,12 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from types import FrameType, ModuleType, TracebackType
+from collections.abc import Sequence
+from types import ModuleType, TracebackType
 from typing import NoReturn
 
 from cloudbk import __version__
-from cloudbk.errors import CloudbkError, ExitCode, UsageError
+from cloudbk.errors import CloudbkError, ExitCode, Terminated, UsageError
 from cloudbk.redact import redact_text
 
 # command name -> module under cloudbk.cli
@@ -39,28 +38,6 @@ COMMANDS: dict[str, str] = {
 }
 
 log = logging.getLogger("cloudbk")
-
-
-class Terminated(BaseException):
-    """Raised in place of dying on SIGTERM, so ``finally`` blocks remove temporary files and abort uploads."""
-
-
-@contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """Within the block SIGTERM raises :class:`Terminated`; :func:`main` then dies of SIGTERM itself.
-
-    PostgreSQL tells a restore_command killed by SIGTERM (a fast shutdown) from one that failed, so after
-    cleaning up the process must still end *by the signal*, not with an exit code.
-    """
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _die_of_sigterm() -> NoReturn:
@@ -154,10 +131,33 @@ def _setup_logging(command: str, verbose: bool) -> None:
         logging.lastResort.setFormatter(RedactingFormatter("%(message)s"))
 
 
+def command_word(args: Sequence[str]) -> str | None:
+    """The command named in ``args``: the first word that is neither an option nor an option's value, as
+    argparse reads it (``cloudbk --server restore backup-list`` runs backup-list); None when there is none."""
+    takes_value = {opt for action in common_options()._actions if action.nargs != 0 for opt in action.option_strings}
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            word = next(words, "")
+        elif word.startswith("-"):
+            if "=" not in word and _option_named(word, takes_value):
+                next(words, None)
+            continue
+        return word if word in COMMANDS else None
+    return None
+
+
+def _option_named(word: str, options: set[str]) -> bool:
+    """Whether ``word`` is one of ``options``, or (as argparse allows) an unambiguous prefix of one."""
+    if word in options:
+        return True
+    return word.startswith("--") and len([o for o in options if o.startswith(word)]) == 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Build only the named command's parser when we can tell it: faster start for archive_command.
-    only = next((a for a in args_list if a in COMMANDS), None)
+    only = command_word(args_list)
     try:
         parser = build_parser(only if only in COMMANDS else None)
         args = parser.parse_args(args_list)

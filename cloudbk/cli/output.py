@@ -1,5 +1,5 @@
-"""Human output shared by the backup commands: sizes, tables, and progress (a bar on a terminal, a few log
-lines otherwise, so cron mail and container logs stay readable)."""
+"""Output shared by the commands: sizes, tables, a backup's description (backup-list, backup-show), and progress
+(a bar on a terminal, a few log lines otherwise, so cron mail and container logs stay readable)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import logging
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # the WAL commands import this module for human_size: keep it light
+    from cloudbk.repo.index import Index
+    from cloudbk.repo.manifest import BackupSummary
 
 log = logging.getLogger("cloudbk")
 
@@ -36,6 +40,32 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
+
+
+def describe_backup(index: Index, backup: BackupSummary) -> dict[str, Any]:
+    """A backup's summary plus how far the archive reaches from it without a gap."""
+    from cloudbk.repo.pitr import wal_after
+
+    reach = wal_after(index, backup)
+    doc = backup.to_dict()
+    doc["compression_ratio"] = round(backup.ratio, 2)
+    doc["wal_after"] = {
+        "segments": reach.segments,
+        "last_segment": reach.last,
+        "first_gap": reach.gap,
+        "restorable": reach.consistent,
+    }
+    return doc
+
+
+def wal_text(doc: dict[str, Any]) -> str:
+    wal = doc["wal_after"]
+    if not wal["restorable"]:
+        return f"MISSING {wal['first_gap']}"
+    text = f"to {wal['last_segment']}"
+    if wal["first_gap"]:
+        text += f" (gap at {wal['first_gap']})"
+    return text
 
 
 class ConsoleProgress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo
 from cloudbk.config import Settings
 
 HELP = "rebuild the index (backups, WAL ranges, timeline histories) from the stored objects"
@@ -16,9 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.lifecycle.reindex import reindex
     from cloudbk.repo import layout
-    from cloudbk.storage.registry import open_storage
 
-    storage = open_storage(settings.require_repo(), settings.storage_options(300.0))
+    storage = open_repo(settings, LONG_RETRY_DEADLINE)
     try:
         report = reindex(storage, settings.server)
     finally:

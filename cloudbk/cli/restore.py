@@ -14,10 +14,10 @@ import os
 import shlex
 import sys
 
-from cloudbk.cli.main import terminate_on_sigterm
+from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
-from cloudbk.errors import OperationFailed, UsageError
+from cloudbk.errors import UsageError
 from cloudbk.redact import strip_userinfo
 
 log = logging.getLogger("cloudbk")
@@ -94,8 +94,7 @@ def restore_command(settings: Settings, repo: str) -> str:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.backup.restore import RestoreOptions, check_destinations, prepare, restore
-    from cloudbk.repo.pitr import Target
-    from cloudbk.storage.registry import open_storage
+    from cloudbk.repo.pitr import Target, check_complete
 
     repo = settings.require_repo()
     target = Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
@@ -123,18 +122,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     check_destinations(os.path.abspath(args.dest), {})  # fail before any storage work
     with terminate_on_sigterm():
-        storage = open_storage(repo, settings.storage_options(300.0))
+        storage = open_repo(settings, LONG_RETRY_DEADLINE)
         try:
             _index, plan, manifest = prepare(storage, settings.server, options)
             print(format_plan(plan, manifest.stored_size, options), flush=True)
             if options.force:
                 _warn_beyond_reach(plan)
-            if not plan.complete and not options.force:
-                raise OperationFailed(
-                    "refusing to restore: the archive lacks WAL this recovery needs (listed above)",
-                    hint="nothing was written. Choose an earlier target or another backup; check archive_command "
-                    "on the source server; or pass --force to restore anyway (recovery stops at the gap)",
-                )
+            else:
+                check_complete(plan)  # after the plan is printed, so the refusal has its context
             result = restore(storage, settings.server, plan, manifest, options, ConsoleProgress())
         finally:
             storage.close()

@@ -6,7 +6,7 @@ Expires the backups the policy no longer needs and the WAL older than the oldest
 from cron. ``--dry-run`` lists every backup with its fate and every object that would be deleted.
 It also aborts the incomplete uploads (S3 multipart) that a killed backup-push or wal-push left under the
 server's prefix, once older than ``--stale-upload-age`` (default one day) and claimed by no running backup's
-heartbeat (:mod:`cloudbk.backup.inflight`).
+heartbeat (:mod:`cloudbk.repo.inflight`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
 
 HELP = "expire backups and WAL under a retention policy (REDUNDANCY N or RECOVERY WINDOW OF N DAYS)"
@@ -40,13 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.cli._lifecycle import retention_policy, stale_upload_age
+    from cloudbk.config import retention_policy, stale_upload_age
     from cloudbk.lifecycle.actions import apply_retention, describe_plan
     from cloudbk.pg.walnames import segment_name
-    from cloudbk.storage.registry import open_storage
 
     policy = retention_policy(settings, args.redundancy, args.recovery_window, args.minimum_redundancy)
-    with open_storage(settings.require_repo(), settings.storage_options()) as storage:
+    with open_repo(settings) as storage:
         max_age = stale_upload_age(settings, args.stale_upload_age)
         result = apply_retention(storage, settings.server, policy, dry_run=args.dry_run, stale_upload_age=max_age)
     if args.json:

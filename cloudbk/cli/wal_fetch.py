@@ -25,40 +25,20 @@ import argparse
 import logging
 import os
 
-from cloudbk.cli.main import terminate_on_sigterm
-from cloudbk.cli.wal_push import human_size
+from cloudbk.cli.common import open_repo, terminate_on_sigterm, unexpected_errors
+from cloudbk.cli.output import human_size
 from cloudbk.config import Settings
 from cloudbk.errors import CloudbkError, ExitCode, NotFound, StorageError
+from cloudbk.pg.datadir import ARCHIVE_RECOVERY, STANDBY, recovery_mode
 
 HELP = "restore one WAL file from the archive (restore_command = 'cloudbk-wal-fetch %f %p')"
 
 log = logging.getLogger("cloudbk")
 
-ARCHIVE_RECOVERY, STANDBY, NO_RECOVERY = "archive recovery", "standby", "none"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="WAL_NAME", help="the WAL file name to restore (%%f in restore_command)")
     parser.add_argument("dest", metavar="DEST_PATH", help="where to write it (%%p in restore_command)")
-
-
-def recovery_mode(pgdata: str | None = None) -> str:
-    """The server's mode, from the signal files in its data directory.
-
-    PostgreSQL runs restore_command in the data directory, so the working directory is checked first; ``pgdata``
-    (``--pgdata`` / ``PGDATA``) is used when the working directory is not a data directory.
-    """
-    try:
-        base = os.getcwd()
-    except OSError:
-        base = pgdata or "."
-    if pgdata and not os.path.exists(os.path.join(base, "PG_VERSION")):
-        base = pgdata
-    if os.path.exists(os.path.join(base, "standby.signal")):
-        return STANDBY  # standby.signal wins when both exist, as in PostgreSQL
-    if os.path.exists(os.path.join(base, "recovery.signal")):
-        return ARCHIVE_RECOVERY
-    return NO_RECOVERY
 
 
 def exit_code_for(exc: CloudbkError, args: argparse.Namespace | None) -> int:
@@ -84,24 +64,19 @@ def exit_code_for(exc: CloudbkError, args: argparse.Namespace | None) -> int:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.storage.registry import open_storage
     from cloudbk.wal.fetch import fetch_wal
 
     with terminate_on_sigterm():
-        storage = open_storage(settings.require_repo(), settings.storage_options())
+        storage = open_repo(settings)
         try:
-            with storage.whole_call():  # --retry-deadline bounds the whole command (cloudbk.storage.deadline)
+            # --retry-deadline bounds the whole command (cloudbk.storage.deadline)
+            with storage.whole_call(), unexpected_errors("fetching", args.name):
                 result = fetch_wal(storage, settings.server, args.name, args.dest)
         except NotFound:
             # PostgreSQL asks for files that do not exist as a matter of course (the next timeline's history,
             # the segment after the end of the archive): not an error.
             log.info("%s is not in the archive", args.name)
             return ExitCode.FAILED
-        except CloudbkError:
-            raise
-        except Exception as exc:
-            log.debug("unexpected error", exc_info=True)
-            raise CloudbkError(f"unexpected error while fetching {args.name}: {exc!r}", key=args.name) from exc
         finally:
             storage.close()
     log.info(

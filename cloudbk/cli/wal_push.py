@@ -10,21 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cloudbk.cli.main import terminate_on_sigterm
+from cloudbk.cli.common import open_repo, terminate_on_sigterm, unexpected_errors
+from cloudbk.cli.output import human_size
 from cloudbk.config import Settings
-from cloudbk.errors import CloudbkError
 
 HELP = "archive one WAL file (archive_command = 'cloudbk-wal-push %p')"
 
 log = logging.getLogger("cloudbk")
-
-
-def human_size(n: int) -> str:
-    if n >= 1024 * 1024:
-        return f"{n / (1024 * 1024):.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n} B"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,19 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.storage.registry import open_storage
     from cloudbk.wal.push import push_wal
 
     with terminate_on_sigterm():
-        storage = open_storage(settings.require_repo(), settings.storage_options())
+        storage = open_repo(settings)
         try:
-            with storage.whole_call():  # --retry-deadline bounds the whole command (cloudbk.storage.deadline)
+            # --retry-deadline bounds the whole command (cloudbk.storage.deadline)
+            with storage.whole_call(), unexpected_errors("archiving", args.path):
                 result = push_wal(storage, settings.server, args.path, settings.compression)
-        except CloudbkError:
-            raise
-        except Exception as exc:
-            log.debug("unexpected error", exc_info=True)
-            raise CloudbkError(f"unexpected error while archiving {args.path}: {exc!r}", key=args.path) from exc
         finally:
             storage.close()
     if result.already_archived:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cloudbk.cli.common import open_repo
 from cloudbk.config import Settings
 from cloudbk.errors import ExitCode
 
@@ -25,12 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.lifecycle.actions import load_catalog
     from cloudbk.pg.walnames import segment_name
-    from cloudbk.storage.registry import open_storage
+    from cloudbk.repo.catalog import load_catalog
     from cloudbk.wal.verify import FOREIGN, GAP, verify_deep, verify_index
 
-    with open_storage(settings.require_repo(), settings.storage_options()) as storage:
+    with open_repo(settings) as storage:
         catalog = load_catalog(storage, settings.server)
         report = verify_index(catalog.index, catalog.backups)
         if args.deep:

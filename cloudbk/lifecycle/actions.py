@@ -21,26 +21,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cloudbk.backup.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
 from cloudbk.errors import OperationFailed, UsageError
 from cloudbk.lifecycle.retention import (
     DEFAULT_MINIMUM_REDUNDANCY,
-    KEEP_FULL,
-    KEEP_MODES,
     Policy,
     RetentionPlan,
     plan_retention,
 )
 from cloudbk.pg.walnames import HISTORY, parse_wal_name
 from cloudbk.repo import layout
-
-# what exists is decided in cloudbk.repo.catalog; re-exported, as callers know these names from here
-from cloudbk.repo.catalog import Catalog as Catalog
-from cloudbk.repo.catalog import load_catalog as load_catalog
-from cloudbk.repo.catalog import read_keep_mark as read_keep_mark
-from cloudbk.repo.catalog import read_keep_marks as read_keep_marks
-from cloudbk.repo.catalog import resolve_backup as resolve_backup
-from cloudbk.repo.index import Index, gaps, update_index
+from cloudbk.repo.catalog import KEEP_FULL, KEEP_MODES, Catalog, load_catalog, resolve_backup
+from cloudbk.repo.index import Index, update_index
+from cloudbk.repo.inflight import DEFAULT_STALE_UPLOAD_AGE, abort_uploads, describe_uploads, find_stale_uploads
 from cloudbk.repo.manifest import BackupSummary, format_time
 from cloudbk.storage.base import Storage, UploadInfo
 
@@ -216,7 +208,7 @@ class RetentionResult:
     #: backup id -> its object keys that go (or went); expired backups and vanished ones
     backup_keys: dict[str, list[str]]
     dry_run: bool
-    #: incomplete uploads a killed backup-push or wal-push left, aborted (or to be); see cloudbk.backup.inflight
+    #: incomplete uploads a killed backup-push or wal-push left, aborted (or to be); see cloudbk.repo.inflight
     stale_uploads: list[UploadInfo] = field(default_factory=list)
 
 
@@ -247,13 +239,11 @@ def _expire_in_index(plan: RetentionPlan, ids: list[str], keeps: dict[str, str])
 
     def mutate(index: Index) -> bool:
         changed = drop(index)
-        keep_from = plan.wal_keep_from
-        if keep_from is not None:
+        if plan.wal_keep_from is not None:
             for timeline, ranges in list(index.segments.items()):
-                for a, b in [list(r) for r in ranges if r[0] < keep_from]:
-                    for first, last in gaps(plan.protected.get(timeline, []), a, min(b, keep_from - 1)):
-                        index.remove_segments(timeline, first, last)
-                        changed = True
+                for first, last in plan.segments_going(timeline, ranges):
+                    index.remove_segments(timeline, first, last)
+                    changed = True
             going = [name for name in index.other_files if plan.wal_deletable(name)]
             if going:
                 index.other_files = [name for name in index.other_files if name not in going]
@@ -272,7 +262,7 @@ def apply_retention(
     stale_upload_age: timedelta = DEFAULT_STALE_UPLOAD_AGE,
 ) -> RetentionResult:
     """Expire what ``policy`` says may go (see :mod:`cloudbk.lifecycle.retention`) and abort the incomplete uploads no
-    running backup claims that are older than ``stale_upload_age`` (:mod:`cloudbk.backup.inflight`); with
+    running backup claims that are older than ``stale_upload_age`` (:mod:`cloudbk.repo.inflight`); with
     ``dry_run`` only report it."""
     now = now or datetime.now(UTC)
     stale = find_stale_uploads(storage, server, now, stale_upload_age)

@@ -40,10 +40,11 @@ from cloudbk.lifecycle.retention import DEFAULT_MINIMUM_REDUNDANCY
 from cloudbk.pg.conn import PgConnection
 from cloudbk.pg.walnames import SEGMENT, parse_wal_name
 from cloudbk.repo import layout
-from cloudbk.repo.catalog import Catalog
+from cloudbk.repo.catalog import Catalog, damaged_hint, load_catalog
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import parse_time
 from cloudbk.storage.base import CREATE_ONLY, Storage
+from cloudbk.wal.verify import GAP, verify_index
 
 DEFAULT_MAX_BACKUP_AGE = timedelta(hours=36)  # a daily backup, plus slack for one that runs long
 DEFAULT_MAX_WAL_LAG = 16  # segments waiting to be archived before the archiver counts as stuck
@@ -208,24 +209,19 @@ def _check_postgres(
             report.add("PostgreSQL", False, f"query failed: {exc.message}")
 
 
+def _setting_check(report: CheckReport, conn: CheckConnection, name: str, allowed: tuple[str, ...], fix: str) -> None:
+    """A server setting that must have one of the ``allowed`` values; ``fix`` says how (a restart follows)."""
+    value = conn.setting(name)
+    ok = value in allowed
+    report.add(name, ok, "" if ok else f"{name} is {value!r}", None if ok else f"{fix} and restart PostgreSQL")
+
+
 def _postgres_checks(
     report: CheckReport, options: CheckOptions, index: Index | None, storage: Storage | None, conn: CheckConnection
 ) -> None:
     report.add("PostgreSQL", True, f"version {conn.version}")
-    mode = conn.setting("archive_mode")
-    report.add(
-        "archive_mode",
-        mode in ("on", "always"),
-        "" if mode in ("on", "always") else f"archive_mode is {mode!r}",
-        None if mode in ("on", "always") else "set archive_mode = on in postgresql.conf and restart PostgreSQL",
-    )
-    level = conn.setting("wal_level")
-    report.add(
-        "wal_level",
-        level in ("replica", "logical"),
-        "" if level in ("replica", "logical") else f"wal_level is {level!r}",
-        None if level in ("replica", "logical") else "set wal_level = replica and restart PostgreSQL",
-    )
+    _setting_check(report, conn, "archive_mode", ("on", "always"), "set archive_mode = on in postgresql.conf")
+    _setting_check(report, conn, "wal_level", ("replica", "logical"), "set wal_level = replica")
     library = conn.setting("archive_library") if conn.version >= 150000 else ""
     command = conn.setting("archive_command")
     problem = (
@@ -327,7 +323,6 @@ def _check_last_archived(
 
 def _check_repository(report: CheckReport, storage: Storage, options: CheckOptions) -> Catalog | None:
     """The ``repository`` and ``repository writable`` checks; the catalog when the repository can be read."""
-    from cloudbk.repo.catalog import load_catalog
 
     try:
         catalog = load_catalog(storage, options.server)
@@ -356,7 +351,6 @@ def _check_repository(report: CheckReport, storage: Storage, options: CheckOptio
 
 def _check_backup_objects(report: CheckReport, catalog: Catalog) -> None:
     """Damaged backups (corrupt manifest, data object missing or not the size the manifest gives), by name."""
-    from cloudbk.repo.catalog import damaged_hint
 
     damaged = sorted(catalog.damaged.items())
     if not damaged:
@@ -374,7 +368,6 @@ def run_checks(
     storage: Storage | None, options: CheckOptions, connect: Connect = CheckConnection, postgres: bool = True
 ) -> CheckReport:
     """Run every check; ``storage`` None means it could not even be opened (reported as unreachable)."""
-    from cloudbk.wal.verify import GAP, verify_index
 
     now = options.now or datetime.now(UTC)
     report = CheckReport(options.server)

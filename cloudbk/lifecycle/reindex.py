@@ -20,7 +20,7 @@ import concurrent.futures as cf
 import logging
 from dataclasses import dataclass, field
 
-from cloudbk.errors import IntegrityError, NotFound, UsageError
+from cloudbk.errors import CorruptManifest, IntegrityError, NotFound, UnreadableIndex, UsageError
 from cloudbk.pg.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY,
@@ -32,10 +32,11 @@ from cloudbk.pg.walnames import (
     segment_name,
 )
 from cloudbk.repo import layout
+from cloudbk.repo.catalog import KEEP_FULL, read_keep_mark
 from cloudbk.repo.compression import DecompressingReader
 from cloudbk.repo.envelope import read_header
-from cloudbk.repo.index import Index, UnreadableIndex, load_index, update_index
-from cloudbk.repo.manifest import CorruptManifest, Manifest
+from cloudbk.repo.index import Index, load_index, update_index
+from cloudbk.repo.manifest import Manifest
 from cloudbk.storage.base import Storage
 from cloudbk.wal.fetch import read_verified
 
@@ -105,9 +106,6 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
         new.system_identifier = new.system_identifier or m.system_identifier
         new.wal_segment_size = new.wal_segment_size or m.wal_segment_size
     # the index mirrors keep marks; the marks themselves are what protects a backup from retention
-    from cloudbk.lifecycle.actions import read_keep_mark
-    from cloudbk.lifecycle.retention import KEEP_FULL
-
     for backup_id in kept:
         if backup_id in new.backups:
             new.backups[backup_id]["keep"] = read_keep_mark(storage, server, backup_id) or KEEP_FULL

@@ -38,13 +38,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cloudbk.errors import UsageError
-from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name, segment_name
-from cloudbk.repo.index import Index, Ranges, gaps
-from cloudbk.repo.manifest import BackupSummary, parse_time
-
-KEEP_FULL = "full"
-KEEP_STANDALONE = "standalone"
-KEEP_MODES = (KEEP_FULL, KEEP_STANDALONE)
+from cloudbk.pg.walnames import DEFAULT_SEGMENT_SIZE, HISTORY, lsn_segno, parse_wal_name
+from cloudbk.repo.catalog import KEEP_MODES, KEEP_STANDALONE
+from cloudbk.repo.index import Index
+from cloudbk.repo.manifest import BackupSummary, order_backups, parse_time
+from cloudbk.repo.ranges import Ranges, gaps, merge
 
 #: retention and ``delete`` never leave fewer backups than this unless told to (``--force`` for delete)
 DEFAULT_MINIMUM_REDUNDANCY = 1
@@ -112,16 +110,6 @@ class Policy:
         return f"{text}, MINIMUM REDUNDANCY {self.minimum_redundancy}"
 
 
-def backup_order_key(backup: BackupSummary) -> tuple[int, datetime, int, str]:
-    """Where a backup sits in the archive's history: end LSN, then end time. The id only breaks exact ties."""
-    return (backup.end_lsn, parse_time(backup.end_time), backup.begin_lsn, backup.id)
-
-
-def order_backups(backups: Sequence[BackupSummary]) -> list[BackupSummary]:
-    """Oldest first, by :func:`backup_order_key`."""
-    return sorted(backups, key=backup_order_key)
-
-
 @dataclass(frozen=True)
 class Decision:
     backup: BackupSummary
@@ -163,28 +151,23 @@ class RetentionPlan:
             return False
         return not any(a <= segno <= b for a, b in self.protected.get(timeline, []))
 
+    def segments_going(self, timeline: int, ranges: Ranges) -> Ranges:
+        """The part of ``ranges`` (archived segments of ``timeline``) this plan deletes: below ``wal_keep_from``
+        and outside the protected ranges."""
+        if self.wal_keep_from is None:
+            return []
+        going: Ranges = []
+        for a, b in ranges:
+            if a < self.wal_keep_from:
+                going.extend(gaps(self.protected.get(timeline, []), a, min(b, self.wal_keep_from - 1)))
+        return going
+
     def wal_deletable(self, name: str) -> bool:
         """Whether the archived WAL file ``name`` goes under this plan. History files never go."""
         wal = parse_wal_name(name)
         if wal.kind == HISTORY:
             return False
         return self.segment_deletable(wal.timeline, wal.segno(self.segment_size))
-
-    def first_kept_segment_name(self, timeline: int) -> str | None:
-        if self.wal_keep_from is None:
-            return None
-        return segment_name(timeline, self.wal_keep_from, self.segment_size)
-
-
-def _merge(ranges: Ranges) -> Ranges:
-    """Sorted, non-overlapping, non-adjacent inclusive ranges covering the same segments."""
-    merged: Ranges = []
-    for a, b in sorted(ranges):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
 
 
 def _decide(ordered: list[BackupSummary], keeps: Mapping[str, str], policy: Policy, now: datetime) -> list[Decision]:
@@ -249,15 +232,10 @@ def plan_retention(
         if d.retain and d.keep == KEEP_STANDALONE:
             kept = d.backup
             first, last = lsn_segno(kept.begin_lsn, segment_size), lsn_segno(kept.end_lsn, segment_size)
-            plan.protected[kept.timeline] = _merge([*plan.protected.get(kept.timeline, []), [first, last]])
+            plan.protected[kept.timeline] = merge([*plan.protected.get(kept.timeline, []), [first, last]])
 
-    keep_from = plan.wal_keep_from
     for timeline, ranges in sorted(index.segments.items()):
-        below = [[a, min(b, keep_from - 1)] for a, b in ranges if a < keep_from]
-        going: Ranges = []
-        for a, b in below:
-            # what is left of [a, b] outside the protected ranges
-            going.extend(gaps(plan.protected.get(timeline, []), a, b))
+        going = plan.segments_going(timeline, ranges)
         if going:
             plan.wal_ranges[timeline] = going
     plan.other_files = [name for name in index.other_files if plan.wal_deletable(name)]

@@ -13,15 +13,11 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from cloudbk.errors import CloudbkError, OperationFailed, UsageError
+from cloudbk.errors import DatabaseError, OperationFailed, UsageError
+from cloudbk.pg.datadir import Tablespace
 from cloudbk.pg.walnames import parse_lsn
-from cloudbk.repo.manifest import Tablespace
 
 MIN_VERSION = 130000  # pg_current_snapshot(), pg_backup_* low-level API without exclusive mode quirks
-
-
-class DatabaseError(CloudbkError):
-    """PostgreSQL refused a request or the connection failed."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Which files of a data directory (or a tablespace directory) a base backup copies.
+"""What cloudbk knows about a data directory: which files a base backup copies (of it, or of a tablespace
+directory), and which recovery mode its signal files put the server in.
 
 The exclusions follow PostgreSQL's documentation ("Making a Base Backup Using the Low Level API") and what
 pg_basebackup leaves out (``basebackup.c``): server runtime state, WAL (fetched from the archive instead),
@@ -16,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cloudbk.errors import OperationFailed, UsageError
+from cloudbk.errors import LinkLoop, OperationFailed
 
 log = logging.getLogger("cloudbk.pg.datadir")
 
@@ -43,6 +44,13 @@ EMPTY_DIRS = frozenset(
 )
 _TEMP_REL = re.compile(r"^t\d+_\d+(_(fsm|vm|init))?(\.\d+)?$")
 _RELFILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
+
+
+@dataclass(frozen=True)
+class Tablespace:
+    oid: int
+    name: str
+    location: str  # the directory pg_tblspc/<oid> pointed at when the backup was taken
 
 
 @dataclass(frozen=True)
@@ -81,17 +89,6 @@ def _skip_file(name: str, rel_dir: str, unlogged: set[str]) -> bool:
         if m and m.group(1) in unlogged and m.group(3) != "init":
             return True
     return False
-
-
-class LinkLoop(UsageError):
-    """A symbolic link leads back into a directory the walk is inside of: following it would never end."""
-
-    def __init__(self, path: str, target: str) -> None:
-        super().__init__(
-            f"symbolic link {path} -> {target} leads back into a directory that contains it",
-            key=path,
-            hint="a backup follows symbolic links in the data directory; remove this one or point it elsewhere",
-        )
 
 
 def _link_entry(d: os.DirEntry[str], rel: str) -> Entry | None:
@@ -185,3 +182,25 @@ def scan_tablespace(location: str, version_dir_prefix: str) -> list[Entry]:
         if top.startswith(version_dir_prefix):
             entries.append(entry)
     return entries
+
+
+ARCHIVE_RECOVERY, STANDBY, NO_RECOVERY = "archive recovery", "standby", "none"
+
+
+def recovery_mode(pgdata: str | None = None) -> str:
+    """The server's mode, from the signal files in its data directory.
+
+    PostgreSQL runs restore_command in the data directory, so the working directory is checked first; ``pgdata``
+    (``--pgdata`` / ``PGDATA``) is used when the working directory is not a data directory.
+    """
+    try:
+        base = os.getcwd()
+    except OSError:
+        base = pgdata or "."
+    if pgdata and not os.path.exists(os.path.join(base, "PG_VERSION")):
+        base = pgdata
+    if os.path.exists(os.path.join(base, "standby.signal")):
+        return STANDBY  # standby.signal wins when both exist, as in PostgreSQL
+    if os.path.exists(os.path.join(base, "recovery.signal")):
+        return ARCHIVE_RECOVERY
+    return NO_RECOVERY

@@ -51,14 +51,6 @@ def parse_wal_name(name: str) -> WalName:
     )
 
 
-def is_wal_name(name: str) -> bool:
-    try:
-        parse_wal_name(name)
-    except UsageError:
-        return False
-    return True
-
-
 def segments_per_log(segment_size: int) -> int:
     return _XLOGID_BYTES // segment_size
 

@@ -26,17 +26,22 @@ page, on that path only).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk.errors import IntegrityError, NotFound, OperationFailed
-from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_MODES, order_backups
+from cloudbk.errors import CorruptManifest, IntegrityError, NotFound, OperationFailed
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, CorruptManifest, Manifest
+from cloudbk.repo.manifest import STATUS_COMPLETE, BackupSummary, Manifest, order_backups
 from cloudbk.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("cloudbk.repo.catalog")
+
+#: keep modes (``cloudbk keep``): ``full`` keeps all WAL after the backup, ``standalone`` only its own
+KEEP_FULL = "full"
+KEEP_STANDALONE = "standalone"
+KEEP_MODES = (KEEP_FULL, KEEP_STANDALONE)
 
 REINDEX_HINT = "run `cloudbk reindex` to rebuild the index from the objects"
 
@@ -240,14 +245,32 @@ def resolve_backup(catalog: Catalog, backup_id: str) -> BackupSummary:
             key=layout.backup_prefix(catalog.index.server, backup_id),
             hint=damaged_hint(backup_id),
         )
-    found = catalog.find(backup_id)
+    return find_backup(catalog.backups, backup_id, catalog.index.server)
+
+
+def find_backup(backups: Sequence[BackupSummary], backup_id: str, server: str) -> BackupSummary:
+    """The backup ``backup_id`` among ``backups``; ``OperationFailed`` naming the server when it is not there."""
+    found = next((b for b in backups if b.id == backup_id), None)
     if found is None:
         raise OperationFailed(
-            f"backup {backup_id} does not exist in server {catalog.index.server!r}",
+            f"backup {backup_id} does not exist in server {server!r}",
             key=backup_id,
             hint="see `cloudbk backup-list` for the backup ids",
         )
     return found
+
+
+def load_manifest(storage: Storage, server: str, backup_id: str) -> Manifest:
+    """The manifest of a backup the index or a LIST showed; ``OperationFailed`` when it is gone since."""
+    key = layout.backup_manifest_key(server, backup_id)
+    try:
+        return Manifest.from_json(storage.get_bytes(key), key)
+    except NotFound as exc:
+        raise OperationFailed(
+            f"backup {backup_id} is in the index but its manifest {key} is gone",
+            key=key,
+            hint="run `cloudbk reindex`, then choose another backup",
+        ) from exc
 
 
 def refuse_damaged(catalog: Catalog, backup_id: str | None) -> None:

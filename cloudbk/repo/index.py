@@ -22,75 +22,21 @@ from cloudbk.errors import (
     NotFound,
     PreconditionFailed,
     StorageError,
+    UnreadableIndex,
     refuse_newer_format,
 )
 from cloudbk.pg.walnames import HistoryEntry, format_lsn, parse_lsn
-from cloudbk.repo import layout
+from cloudbk.repo import layout, ranges
+from cloudbk.repo.ranges import Ranges
 from cloudbk.storage.base import CREATE_ONLY, IfVersion, Storage
 
 INDEX_FORMAT_VERSION = 1
 CAS_DEADLINE = 120.0  # seconds of conflicts before giving up; each round trip is one read + one write
 
-Ranges = list[list[int]]  # sorted, non-overlapping, non-adjacent inclusive [first, last] segment numbers
-
 
 def format_index_time(moment: datetime) -> str:
     """UTC ISO 8601 with microseconds and a Z: sortable as text (``updated_at``, ``last_push``)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _add_to_ranges(ranges: Ranges, first: int, last: int) -> bool:
-    """Merge [first, last] into ``ranges`` in place; return True if anything was new."""
-    if any(a <= first and last <= b for a, b in ranges):
-        return False
-    merged: Ranges = []
-    lo, hi = first, last
-    for a, b in ranges:
-        if b < lo - 1 or a > hi + 1:
-            merged.append([a, b])
-        else:
-            lo, hi = min(lo, a), max(hi, b)
-    merged.append([lo, hi])
-    merged.sort()
-    ranges[:] = merged
-    return True
-
-
-def _remove_from_ranges(ranges: Ranges, first: int, last: int) -> None:
-    out: Ranges = []
-    for a, b in ranges:
-        if b < first or a > last:
-            out.append([a, b])
-            continue
-        if a < first:
-            out.append([a, first - 1])
-        if b > last:
-            out.append([last + 1, b])
-    ranges[:] = out
-
-
-def gaps(ranges: Ranges, first: int, last: int) -> Ranges:
-    """The sub-ranges of [first, last] not covered by ``ranges``."""
-    missing: Ranges = []
-    cursor = first
-    for a, b in ranges:
-        if b < cursor:
-            continue
-        if a > last:
-            break
-        if a > cursor:
-            missing.append([cursor, min(a - 1, last)])
-        cursor = max(cursor, b + 1)
-        if cursor > last:
-            break
-    if cursor <= last:
-        missing.append([cursor, last])
-    return missing
-
-
-class UnreadableIndex(IntegrityError):
-    """The index object was read but does not parse (truncated, not JSON, fields missing). Not raised for an
-    index of a newer format version: that one is refused, never replaced."""
 
 
 @dataclass
@@ -115,13 +61,13 @@ class Index:
     # -- WAL ----------------------------------------------------------------------------------------------
 
     def add_segments(self, timeline: int, first: int, last: int | None = None) -> bool:
-        return _add_to_ranges(self.segments.setdefault(timeline, []), first, first if last is None else last)
+        return ranges.add(self.segments.setdefault(timeline, []), first, first if last is None else last)
 
     def remove_segments(self, timeline: int, first: int, last: int) -> None:
-        ranges = self.segments.get(timeline)
-        if ranges is not None:
-            _remove_from_ranges(ranges, first, last)
-            if not ranges:
+        present = self.segments.get(timeline)
+        if present is not None:
+            ranges.remove(present, first, last)
+            if not present:
                 del self.segments[timeline]
 
     def record_push(self, timeline: int, moment: datetime) -> bool:
@@ -136,7 +82,7 @@ class Index:
         return any(a <= segno <= b for a, b in self.segments.get(timeline, []))
 
     def missing_segments(self, timeline: int, first: int, last: int) -> Ranges:
-        return gaps(self.segments.get(timeline, []), first, last)
+        return ranges.gaps(self.segments.get(timeline, []), first, last)
 
     def add_other_file(self, name: str) -> bool:
         if name in self.other_files:
@@ -160,7 +106,7 @@ class Index:
             "system_identifier": self.system_identifier,
             "wal_segment_size": self.wal_segment_size,
             "updated_at": self.updated_at,
-            "wal": {f"{tli:08X}": self._wal_entry(tli, ranges) for tli, ranges in sorted(self.segments.items())},
+            "wal": {f"{tli:08X}": self._wal_entry(tli, segs) for tli, segs in sorted(self.segments.items())},
             "histories": {
                 f"{tli:08X}": [
                     {"timeline": e.timeline, "switchpoint": format_lsn(e.switchpoint), "reason": e.reason}
@@ -173,8 +119,8 @@ class Index:
         }
         return json.dumps(doc, indent=1, sort_keys=False).encode()
 
-    def _wal_entry(self, timeline: int, ranges: Ranges) -> dict[str, Any]:
-        entry: dict[str, Any] = {"segments": ranges}
+    def _wal_entry(self, timeline: int, segs: Ranges) -> dict[str, Any]:
+        entry: dict[str, Any] = {"segments": segs}
         if timeline in self.last_push:
             entry["last_push"] = self.last_push[timeline]
         return entry

@@ -10,12 +10,13 @@ as UTC ISO 8601 (``2026-11-21T09:30:12.123456Z``). See docs/format.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from cloudbk.errors import IntegrityError, refuse_newer_format
+from cloudbk.errors import CorruptManifest, IntegrityError, refuse_newer_format
+from cloudbk.pg.datadir import Tablespace
 from cloudbk.pg.walnames import format_lsn, parse_lsn
 
 MANIFEST_FORMAT_VERSION = 1
@@ -34,10 +35,6 @@ def parse_time(text: str) -> datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment
-
-
-class CorruptManifest(IntegrityError):
-    """A manifest that was read but is not valid (not JSON, not an object, fields missing or malformed)."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +66,6 @@ _SHARED_FIELDS: dict[str, Callable[[Any], Any]] = {
 def _read_shared(doc: dict[str, Any]) -> dict[str, Any]:
     """The shared fields of a manifest or summary document (KeyError/ValueError/TypeError on bad input)."""
     return {name: convert(doc[name]) for name, convert in _SHARED_FIELDS.items()}
-
-
-@dataclass(frozen=True)
-class Tablespace:
-    oid: int
-    name: str
-    location: str  # the directory pg_tblspc/<oid> pointed at when the backup was taken
 
 
 @dataclass(frozen=True)
@@ -152,10 +142,6 @@ class Manifest:
     def data_size(self) -> int:
         """Bytes of the files in the backup."""
         return sum(t.data_size for t in self.tars)
-
-    @property
-    def tar_size(self) -> int:
-        return sum(t.size for t in self.tars)
 
     @property
     def stored_size(self) -> int:
@@ -330,3 +316,13 @@ def complete_backups(entries: dict[str, dict[str, Any]], where: str = "index") -
     """The complete backups of an index, oldest first (by end LSN, then end time)."""
     backups = [BackupSummary.from_dict(doc, where) for doc in entries.values()]
     return sorted((b for b in backups if b.status == STATUS_COMPLETE), key=lambda b: b.sort_key)
+
+
+def backup_order_key(backup: BackupSummary) -> tuple[int, datetime, int, str]:
+    """Where a backup sits in the archive's history: end LSN, then end time. The id only breaks exact ties."""
+    return (backup.end_lsn, parse_time(backup.end_time), backup.begin_lsn, backup.id)
+
+
+def order_backups(backups: Sequence[BackupSummary]) -> list[BackupSummary]:
+    """Oldest first, by :func:`backup_order_key`."""
+    return sorted(backups, key=backup_order_key)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 from cloudbk.errors import OperationFailed, UsageError
 from cloudbk.pg.walnames import format_lsn, history_name, lsn_segno, parse_lsn, segment_name
+from cloudbk.repo.catalog import find_backup
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BackupSummary, complete_backups, parse_time
 
@@ -164,9 +165,6 @@ class RecoveryPlan:
     def complete(self) -> bool:
         return not self.missing and not self.missing_histories
 
-    def segment_names(self, stretch: Stretch) -> list[str]:
-        return [segment_name(stretch.timeline, n, self.segment_size) for n in range(stretch.first, stretch.last + 1)]
-
     def describe_missing(self) -> list[str]:
         lines = [
             f"timeline {m.timeline}: "
@@ -255,10 +253,7 @@ def choose_backup(
                 )
             chosen = candidates[-1]
         else:
-            found = next((b for b in backups if b.id == backup_id), None)
-            if found is None:
-                raise OperationFailed(f"backup {backup_id} does not exist", hint="see `cloudbk backup-list`")
-            chosen = found
+            chosen = find_backup(backups, backup_id, index.server)
         if not on_path(chosen, path):
             raise OperationFailed(
                 f"backup {chosen.id} (timeline {chosen.timeline}, ended at {format_lsn(chosen.end_lsn)}) is not on "
@@ -377,6 +372,17 @@ def check_reach(plan: RecoveryPlan) -> None:
         f"refusing to restore: {reason}, so recovery would end before the target",
         hint=f"nothing was written. Choose a --target-time up to {reach}, or wait until the source server has "
         "archived the WAL up to the target (SELECT pg_switch_wal() there), or pass --force to restore anyway",
+    )
+
+
+def check_complete(plan: RecoveryPlan) -> None:
+    """Refuse a plan that lacks WAL segments or history files (SPEC §3 rule 5): recovery would stop at the gap."""
+    if plan.complete:
+        return
+    raise OperationFailed(
+        "refusing to restore: the archive lacks WAL this recovery needs: " + "; ".join(plan.describe_missing()),
+        hint="nothing was written. Choose an earlier target or another backup; check archive_command on the source "
+        "server; or pass --force to restore anyway (recovery stops at the gap)",
     )
 
 

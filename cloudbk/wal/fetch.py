@@ -32,7 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloudbk.errors import CloudbkError, ExitCode, IntegrityError, NotFound, UsageError
+from cloudbk.errors import (
+    ArchiveNotConfigured,
+    CloudbkError,
+    IntegrityError,
+    LocalWriteError,
+    NotFound,
+    UsageError,
+)
+from cloudbk.localfs import fsync_dir
 from cloudbk.pg.walnames import parse_wal_name
 from cloudbk.repo import layout
 from cloudbk.repo.compression import READ_CHUNK, DecompressingReader
@@ -44,18 +52,6 @@ log = logging.getLogger("cloudbk.wal.fetch")
 #: the ``kind`` of every WAL object's envelope header
 HEADER_KIND = "wal"
 TMP_INFIX = ".cloudbk-tmp-"
-
-
-class LocalWriteError(CloudbkError):
-    """The fetched file could not be written to the destination (disk full, permissions)."""
-
-    exit_code = ExitCode.OTHER
-
-
-class ArchiveNotConfigured(CloudbkError):
-    """The repository holds no archive for this server: a configuration error, never "file absent"."""
-
-    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -153,14 +149,6 @@ def read_verified(storage: Storage, key: str, name: str, sink: Callable[[bytes],
         return StoredWal(header, header.sha256, header.size, raw.count)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _absent(storage: Storage, server: str, name: str, key: str, exc: NotFound) -> CloudbkError:
     """The object is absent: confirm the archive exists at all before answering "absent"."""
     if storage.exists(layout.index_key(server)):
@@ -210,7 +198,7 @@ def fetch_wal(storage: Storage, server: str, name: str, dest: str) -> FetchResul
             os.close(fd)
             fd = -1
             os.rename(tmp, dest)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             raise LocalWriteError(f"cannot install {dest}: {exc.strerror}", key=dest) from exc
     except BaseException:

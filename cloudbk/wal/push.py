@@ -32,6 +32,7 @@ from cloudbk.errors import (
     AlreadyExists,
     CloudbkError,
     ConflictError,
+    IndexUpdateFailed,
     IntegrityError,
     OperationFailed,
     UsageError,
@@ -63,25 +64,6 @@ _CONFLICT_CAUSES = (
     "cluster, a re-created cluster), or two servers promoted onto the same timeline (two standbys of one "
     "primary, or one backup restored twice)"
 )
-
-
-class IndexUpdateFailed(CloudbkError):
-    """The WAL file is durably stored, but the index could not be updated to list it.
-
-    The push reports failure (with the exit code of the underlying error) so PostgreSQL retries it: the
-    retry finds the identical object, which is success, and finishes the index update. Exiting 0 would
-    leave a silent hole in the index that PITR planning and retention trust.
-    """
-
-    def __init__(self, cause: CloudbkError, name: str, key: str) -> None:
-        super().__init__(
-            f"{name} is stored durably at {key}, but the index could not be updated: {cause.message}",
-            key=key,
-            hint="PostgreSQL will retry this push, which is safe and completes the index update; "
-            "if the index itself is damaged run `cloudbk reindex`",
-        )
-        self.exit_code = cause.exit_code
-        self.cause = cause
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbk.errors import CloudbkError, NotFound, UsageError
+from cloudbk.errors import CloudbkError, NotFound, StorageError, UsageError
 from cloudbk.pg.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY,
@@ -39,9 +39,12 @@ from cloudbk.pg.walnames import (
     segment_name,
 )
 from cloudbk.repo import layout
-from cloudbk.repo.index import Index, Ranges
+from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BackupSummary
+from cloudbk.repo.pitr import Target, on_path, plan_recovery, timeline_path
+from cloudbk.repo.ranges import Ranges, merge, runs
 from cloudbk.storage.base import Storage
+from cloudbk.wal.fetch import read_verified
 
 GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM = "gap", "foreign", "corrupt", "history"
 DEEP_WORKERS = 8
@@ -180,8 +183,6 @@ def required_ranges(
 ) -> tuple[dict[int, Ranges], set[int]]:
     """Per timeline, the segments a recovery needs from the oldest backup on each timeline's path to the newest
     segment archived on it (the plan ``cloudbk restore`` would make); and the timelines some backup reaches."""
-    from cloudbk.repo.pitr import Target, on_path, plan_recovery, timeline_path
-
     required: dict[int, Ranges] = {}
     reachable: set[int] = set()
     timelines = set(index.segments) | set(index.histories) | {b.timeline for b in backups}
@@ -195,17 +196,7 @@ def required_ranges(
         reachable.update(span.timeline for span in plan.path)
         for stretch in plan.stretches:
             required.setdefault(stretch.timeline, []).append([stretch.first, stretch.last])
-    return {t: _merge(r) for t, r in required.items()}, reachable
-
-
-def _merge(ranges: Ranges) -> Ranges:
-    merged: Ranges = []
-    for a, b in sorted(ranges):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
+    return {t: merge(r) for t, r in required.items()}, reachable
 
 
 def verify_index(index: Index, backups: Sequence[BackupSummary]) -> VerifyReport:
@@ -268,8 +259,6 @@ class _FirstBytes:
 
 
 def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -> list[Problem]:
-    from cloudbk.wal.fetch import read_verified
-
     name = layout.wal_name_from_key(key)
     wal = parse_wal_name(name)
     first = _FirstBytes()
@@ -279,7 +268,7 @@ def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -
     except NotFound:
         return [Problem(GAP, f"{name} disappeared while being verified", timeline=wal.timeline, key=key)]
     except CloudbkError as exc:
-        if exc.exit_code == 2:  # storage failing after retries: not a verdict about the object
+        if isinstance(exc, StorageError):  # storage failing after retries: not a verdict about the object
             raise
         return [Problem(CORRUPT, f"{name}: {exc.message}", timeline=wal.timeline, key=key)]
     problems: list[Problem] = []
@@ -368,16 +357,14 @@ def verify_deep(storage: Storage, index: Index, report: VerifyReport, workers: i
     # Segments the index promises (and recovery needs) but storage does not hold are gaps too.
     for tr in report.timelines:
         have = stored.get(tr.timeline, set())
-        absent: Ranges = []
-        for a, b in tr.required:
-            for segno in range(a, b + 1):
-                if segno not in have and index.has_segment(tr.timeline, segno):
-                    if absent and absent[-1][1] == segno - 1:
-                        absent[-1][1] = segno
-                    else:
-                        absent.append([segno, segno])
+        absent = runs(
+            segno
+            for a, b in tr.required
+            for segno in range(a, b + 1)
+            if segno not in have and index.has_segment(tr.timeline, segno)
+        )
         for a, b in absent:
-            tr.missing = _merge([*tr.missing, [a, b]])
+            tr.missing = merge([*tr.missing, [a, b]])
             report.problems.append(
                 Problem(
                     GAP,

@@ -9,10 +9,11 @@ import pytest
 
 from cloudbk.backup.restore import confirm_missing
 from cloudbk.errors import IntegrityError, OperationFailed, UsageError
+from cloudbk.pg.datadir import Tablespace
 from cloudbk.pg.walnames import HistoryEntry, segment_name
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import FileEntry, Manifest, Tablespace, TarEntry, complete_backups, format_time
+from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, complete_backups, format_time
 from cloudbk.repo.pitr import IMMEDIATE, Target, choose_backup, latest_timeline, plan_recovery, wal_after
 from cloudbk.storage.memory import MemoryStorage
 

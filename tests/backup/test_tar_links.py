@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cloudbk.backup.links import RESERVED, LinkEscapes, check_links, requested_links
+from cloudbk.backup.links import RESERVED, check_links, requested_links
 from cloudbk.backup.tarextract import SafeExtractor
-from cloudbk.backup.tarstream import UnsafeMember
-from cloudbk.errors import IntegrityError, UsageError
+from cloudbk.errors import IntegrityError, LinkEscapes, UnsafeMember, UsageError
 from cloudbk.repo.manifest import LinkEntry, Manifest, TarEntry
 
 Member = tuple[tarfile.TarInfo, bytes | None]

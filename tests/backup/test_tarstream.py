@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cloudbk.backup.tarextract import SafeExtractor
-from cloudbk.backup.tarstream import PipeSink, TarWriter, UnsafeMember, check_member
-from cloudbk.errors import IntegrityError
+from cloudbk.backup.tarstream import PipeSink, TarWriter, check_member
+from cloudbk.errors import IntegrityError, UnsafeMember
 from cloudbk.repo.manifest import FileEntry
 
 

@@ -13,13 +13,12 @@ from cloudbk.lifecycle.actions import (
     apply_retention,
     delete_backup,
     keep_backup,
-    load_catalog,
-    read_keep_marks,
     release_backup,
 )
-from cloudbk.lifecycle.retention import KEEP_FULL, KEEP_STANDALONE, Policy
+from cloudbk.lifecycle.retention import Policy
 from cloudbk.pg.walnames import segment_name
 from cloudbk.repo import layout
+from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE, load_catalog, read_keep_marks
 from cloudbk.repo.index import load_index, update_index
 from cloudbk.storage.memory import MemoryStorage
 

@@ -14,10 +14,10 @@ from backends import Backend, unique_prefix
 from lifecycle_fakes import SEG, SERVER, T0, make_backup, put_segments
 
 from cloudbk.cli.main import main
-from cloudbk.errors import IntegrityError
+from cloudbk.errors import IntegrityError, UnreadableIndex
 from cloudbk.lifecycle.reindex import reindex
 from cloudbk.repo import layout
-from cloudbk.repo.index import Index, UnreadableIndex, load_index, update_index
+from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.storage.base import OVERWRITE, IfVersion, ObjectInfo, Storage, WriteMode
 from cloudbk.storage.memory import MemoryStorage
 

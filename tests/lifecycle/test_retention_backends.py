@@ -10,10 +10,11 @@ import pytest
 from backends import Backend
 from lifecycle_fakes import SEG, SERVER, T0, keys_under, make_backup, put_history, put_segments
 
-from cloudbk.lifecycle.actions import apply_retention, delete_backup, keep_backup, load_catalog
+from cloudbk.lifecycle.actions import apply_retention, delete_backup, keep_backup
 from cloudbk.lifecycle.retention import Policy
 from cloudbk.pg.walnames import segment_name
 from cloudbk.repo import layout
+from cloudbk.repo.catalog import load_catalog
 from cloudbk.repo.index import load_index
 from cloudbk.storage.base import Storage
 from cloudbk.wal.verify import verify_deep, verify_index

@@ -8,17 +8,11 @@ import pytest
 from lifecycle_fakes import SEG, SYSID, T0, lsn
 
 from cloudbk.errors import UsageError
-from cloudbk.lifecycle.retention import (
-    KEEP_FULL,
-    KEEP_STANDALONE,
-    Policy,
-    order_backups,
-    parse_window,
-    plan_retention,
-)
+from cloudbk.lifecycle.retention import Policy, parse_window, plan_retention
 from cloudbk.pg.walnames import segment_name
+from cloudbk.repo.catalog import KEEP_FULL, KEEP_STANDALONE
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import BackupSummary, format_time
+from cloudbk.repo.manifest import BackupSummary, format_time, order_backups
 
 
 def backup(backup_id: str, begin: int, end: int, hours: float, timeline: int = 1) -> BackupSummary:

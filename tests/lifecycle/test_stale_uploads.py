@@ -13,10 +13,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from backends import Backend, selected
 
-from cloudbk.backup.inflight import Heartbeat, find_stale_uploads, live_heartbeats, stale_uploads
 from cloudbk.cli.main import main
 from cloudbk.errors import ConflictError
 from cloudbk.repo import layout
+from cloudbk.repo.inflight import Heartbeat, find_stale_uploads, live_heartbeats, stale_uploads
 from cloudbk.storage.base import UploadInfo
 from cloudbk.storage.memory import MemoryStorage
 

@@ -18,9 +18,9 @@ from lifecycle_fakes import (
     wal_object,
 )
 
-from cloudbk.lifecycle.actions import load_catalog
 from cloudbk.pg.walnames import HistoryEntry, segment_name
 from cloudbk.repo import layout
+from cloudbk.repo.catalog import load_catalog
 from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.wal.verify import CORRUPT, FOREIGN, GAP, HISTORY_PROBLEM, verify_deep, verify_index

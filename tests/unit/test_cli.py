@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudbk.cli.main import COMMANDS, main
+from cloudbk.cli.main import COMMANDS, command_word, main
 
 
 def test_options_before_and_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -17,6 +17,31 @@ def test_options_before_and_after_the_command(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out == before
     # a flag given after the command wins over the same flag given before it
     assert main(["--server", "bad/name", "backup-list", "--repo", repo, "--server", "alpha"]) == 0
+
+
+def test_an_option_value_that_names_a_command_is_not_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = f"file://{tmp_path / 'repo'}"
+    assert main(["--server", "restore", "--repo", repo, "backup-list"]) == 0
+    assert "no backups for server 'restore'" in capsys.readouterr().out
+    assert main(["--repo", repo, "--server=check", "backup-list", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["--server", "restore", "backup-list"], "backup-list"),
+        (["--serv", "keep", "-v", "delete", "x"], "delete"),
+        (["--server=keep", "check"], "check"),
+        (["-v", "--", "reindex"], "reindex"),
+        (["--repo", "file:///x"], None),
+        (["--repo", "file:///x", "nonsense", "check"], None),
+    ],
+)
+def test_command_word(argv: list[str], command: str | None) -> None:
+    assert command_word(argv) == command
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ from cloudbk.pg import walnames as wal
 from cloudbk.repo import layout
 from cloudbk.repo.compression import ALGORITHMS, CompressingWriter, DecompressingReader
 from cloudbk.repo.envelope import Header, read_header
-from cloudbk.repo.index import Index, gaps, load_index, update_index
+from cloudbk.repo.index import Index, load_index, update_index
+from cloudbk.repo.ranges import gaps
 from cloudbk.storage.base import check_key
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.registry import parse_url

@@ -15,8 +15,10 @@ from cloudbk.cli import wal_fetch
 from cloudbk.cli.main import main
 from cloudbk.errors import (
     AccessDenied,
+    ArchiveNotConfigured,
     ConflictError,
     ExitCode,
+    IndexUpdateFailed,
     IntegrityError,
     NotFound,
     OperationFailed,
@@ -32,8 +34,8 @@ from cloudbk.repo.index import load_index
 from cloudbk.storage.base import Storage
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.registry import StorageOptions, open_storage
-from cloudbk.wal.fetch import ArchiveNotConfigured, fetch_wal, read_verified
-from cloudbk.wal.push import IndexUpdateFailed, push_wal
+from cloudbk.wal.fetch import fetch_wal, read_verified
+from cloudbk.wal.push import push_wal
 
 SERVER = "main"
 SEG3 = "000000010000000000000003"

@@ -29,7 +29,7 @@ from cloudbk.errors import AlreadyExists, CloudbkError, ConflictError
 from cloudbk.repo import layout
 from cloudbk.storage.base import CREATE_ONLY, OVERWRITE, Storage, UploadInfo, WriteMode
 
-log = logging.getLogger("cloudbk.backup.inflight")
+log = logging.getLogger("cloudbk.repo.inflight")
 
 HEARTBEAT_INTERVAL = 60.0  # seconds between rewrites of a running backup's heartbeat
 # A heartbeat not rewritten for this long belongs to a backup-push that died. Many intervals, so a slow or
