@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from cloudbk.errors import AccessDenied, AlreadyExists, NotFound, PermanentError, PreconditionFailed, StorageError
+from cloudbk.localfs import fsync_dir
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -54,14 +55,6 @@ def _translate(exc: OSError, key: str) -> StorageError:
     return PermanentError(f"I/O error on {exc.filename or key}: {exc.strerror}", key=key)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalStorage(Storage):
     scheme = "file"
 
@@ -84,7 +77,7 @@ class LocalStorage(Storage):
                 os.mkdir(d)
             except FileExistsError:
                 pass
-            _fsync_dir(os.path.dirname(d))
+            fsync_dir(os.path.dirname(d))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -149,7 +142,7 @@ class LocalStorage(Storage):
             except OSError as exc:
                 raise _translate(exc, key) from exc
         for d in dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
 
     def _publish(self, key: str, tmp: str, path: str, mode: WriteMode) -> ObjectInfo:
         directory = os.path.dirname(path)
@@ -170,7 +163,7 @@ class LocalStorage(Storage):
                         if current != mode.version:
                             raise PreconditionFailed(f"object {key} changed since version {mode.version}", key=key)
                     os.replace(tmp, path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             st = os.stat(path)
         except OSError as exc:
             raise _translate(exc, key) from exc

@@ -3,7 +3,7 @@
 A writer that dies mid-upload (SIGKILL, a crash, a lost machine) cannot abort its multipart upload: the parts
 stay stored, and billed, invisible to LIST, until AbortMultipartUpload or a bucket lifecycle rule
 (AbortIncompleteMultipartUpload, see docs/lifecycle.md) removes them. Which uploads are stale is decided in
-:mod:`cloudbk.backup.inflight`; this module only talks to S3.
+:mod:`cloudbk.repo.inflight`; this module only talks to S3.
 
 ListMultipartUploads pages by (key, upload id) markers, up to 1,000 uploads a page
 (https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListMultipartUploads.html). Not every store pages in key
