@@ -36,11 +36,10 @@ from cloudbk.pg.datadir import BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, Entry, 
 from cloudbk.pg.walnames import lsn_segno, segment_name
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
-from cloudbk.repo.compression import CompressingWriter
-from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.repo.manifest import BASE_TAR, LinkEntry, Manifest, Tablespace, TarEntry, format_time
-from cloudbk.storage.base import CREATE_ONLY, ObjectWriter, Storage
+from cloudbk.repo.objects import TAR, create_object
+from cloudbk.storage.base import CREATE_ONLY, Storage
 
 log = logging.getLogger("cloudbk.backup")
 
@@ -112,15 +111,9 @@ class _TarUpload:
     ) -> None:
         self.name = name
         self.key = key
-        self.writer: ObjectWriter = storage.open_write(key, CREATE_ONLY)
-        try:
-            self.writer.write(Header(kind="tar", name=name, compression=compression).encode())
-            self.compressor = CompressingWriter(compression, self.writer, threads=threads)
-        except BaseException:
-            self.writer.abort()
-            raise
+        self.sink = create_object(storage, key, TAR, name, compression, threads=threads)
         # files are read and hashed in this thread; the stream is hashed, compressed and uploaded in another
-        self.pipe = PipeSink(self.compressor)
+        self.pipe = PipeSink(self.sink)
         self.tar = TarWriter(self.pipe, on_bytes)
         self.files: list[tuple[str, int, str]] = []
         self.links: list[LinkEntry] = []
@@ -166,21 +159,20 @@ class _TarUpload:
 
         self.tar.close()
         self.pipe.close()
-        self.compressor.finish()
-        info = self.writer.commit()
+        stored = self.sink.commit()
         return TarEntry(
             name=self.name,
             tablespace_oid=tablespace_oid,
-            size=self.compressor.size,
-            sha256=self.compressor.sha256,
-            stored_size=info.size,
+            size=stored.size,
+            sha256=stored.sha256,
+            stored_size=stored.stored_size,
             files=[FileEntry(p, s, h) for p, s, h in self.files],
             links=self.links,
         )
 
     def abort(self) -> None:
         self.pipe.abort()
-        self.writer.abort()
+        self.sink.abort()
 
 
 def _stream_entries(upload: _TarUpload, entries: list[Entry]) -> None:

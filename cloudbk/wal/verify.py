@@ -41,6 +41,7 @@ from cloudbk.pg.walnames import (
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index, Ranges
 from cloudbk.repo.manifest import BackupSummary
+from cloudbk.repo.objects import WAL, read_object
 from cloudbk.storage.base import Storage
 
 GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM = "gap", "foreign", "corrupt", "history"
@@ -268,14 +269,12 @@ class _FirstBytes:
 
 
 def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -> list[Problem]:
-    from cloudbk.wal.fetch import read_verified
-
     name = layout.wal_name_from_key(key)
     wal = parse_wal_name(name)
     first = _FirstBytes()
     chunks: list[bytes] = []  # a history file is kept whole: it is a few hundred bytes
     try:
-        stored = read_verified(storage, key, name, chunks.append if wal.kind == HISTORY else first)
+        stored = read_object(storage, key, WAL, name, chunks.append if wal.kind == HISTORY else first)
     except NotFound:
         return [Problem(GAP, f"{name} disappeared while being verified", timeline=wal.timeline, key=key)]
     except CloudbkError as exc:
