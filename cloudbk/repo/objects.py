@@ -239,7 +239,6 @@ def open_object(
         raise
 
 
-
 def create_object(
     storage: Storage,
     key: str,

@@ -1,9 +1,10 @@
 """The one retry layer: transient storage errors are retried with backoff until a time deadline.
 
 Retry is decided by the error class (:class:`~cloudbk.errors.TransientError`), never by message text.
-Drivers turn their SDK's own retries off, so behaviour is uniform and testable. Streaming writes retry their
-parts inside :class:`cloudbk.storage.parts.PartWriter` with the same policy; streaming reads resume at the
-offset where a transient error interrupted them.
+Drivers turn their SDK's own retries off, so behaviour is uniform and testable. A writer holds its parts'
+bytes, so the layer hands it the policy when it opens it (:meth:`~cloudbk.storage.base.ObjectWriter.use_retry`)
+and the writer retries each part; streaming reads resume at the offset where a transient error interrupted
+them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cloudbk.storage import deadline
 from cloudbk.storage.backoff import MIN_ATTEMPT, NO_RETRY, RetryPolicy
 from cloudbk.storage.base import (
     OVERWRITE,
+    Capabilities,
     ObjectInfo,
     ObjectReader,
     ObjectWriter,
@@ -106,12 +108,15 @@ class RetryingStorage(Storage):
         super().__init__(inner.url)
         self.inner = inner
         self.policy = policy
-        self.retry_policy = policy
-        # Writers retry their own parts (they hold the bytes); hand them the same policy.
-        inner.retry_policy = policy
-        self.list_page_size = inner.list_page_size
-        self.delete_batch_size = inner.delete_batch_size
         self.scheme = inner.scheme
+
+    @property  # the driver's, read and set through the wrapper
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    @capabilities.setter
+    def capabilities(self, value: Capabilities) -> None:
+        self.inner.capabilities = value
 
     def stat(self, key: str) -> ObjectInfo:
         return self.policy.call(lambda: self.inner.stat(key), f"stat {key}")
@@ -120,7 +125,9 @@ class RetryingStorage(Storage):
         return _ResumingReader(self.inner, self.policy, key, offset, length)
 
     def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
-        return self.policy.call(lambda: self.inner.open_write(key, mode), f"write {key}")
+        writer = self.policy.call(lambda: self.inner.open_write(key, mode), f"write {key}")
+        writer.use_retry(self.policy)  # only the writer holds its parts' bytes, so it sends them again
+        return writer
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         last: str | None = None
@@ -149,7 +156,7 @@ class RetryingStorage(Storage):
         batch: builtins.list[str] = []
         for key in keys:
             batch.append(key)
-            if len(batch) >= self.delete_batch_size:
+            if len(batch) >= self.capabilities.delete_batch_size:
                 self._delete_batch(batch)
                 batch = []
         if batch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -99,7 +100,7 @@ def test_listing_restarts_without_duplicates() -> None:
     inner, storage, _ = _storage()
     for i in range(20):
         inner.put_bytes(f"k/{i:02d}", b"x")
-    inner.list_page_size = 3
+    inner.capabilities = replace(inner.capabilities, list_page_size=3)
     inner.inject("list", after=2, times=1)
     assert [i.key for i in storage.list("k/")] == [f"k/{i:02d}" for i in range(20)]
 
@@ -157,7 +158,7 @@ def test_one_deadline_across_restarts_of_a_listing() -> None:
     storage = RetryingStorage(inner, policy)
     for i in range(5):
         inner.put_bytes(f"k/{i}", b"x")
-    inner.list_page_size = 1
+    inner.capabilities = replace(inner.capabilities, list_page_size=1)
     inner.inject("list", after=1, times=10_000)
     with pytest.raises(TransientError):
         list(storage.list("k/"))
