@@ -224,7 +224,9 @@ class AzureStorage(Storage):
                 raise
             self.stat(key)  # a range starting at or past the end: empty, if the blob exists
             return _AzureReader(self, key, iter(()))
-        return _AzureReader(self, key, downloader.chunks())
+        reader = _AzureReader(self, key, downloader.chunks())
+        reader.size = int(downloader.size)
+        return reader
 
     def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
         """Data and ETag from one download; later GETs of a large object are pinned to that ETag by the SDK."""

@@ -136,6 +136,10 @@ def check_prefix(prefix: str) -> str:
 class ObjectReader(io.RawIOBase):
     """A streaming read of one object (or one byte range of it). Drivers implement ``readinto``."""
 
+    #: the bytes this read delivers when complete, as the storage announced them (None: not announced); the
+    #: retry layer reports a read that ends short of it as an ``IntegrityError``
+    size: int | None = None
+
     def readable(self) -> bool:
         return True
 

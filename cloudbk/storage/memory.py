@@ -171,6 +171,7 @@ class _MemoryReader(ObjectReader):
         self._key = key
         self._data = memoryview(data)
         self._pos = 0
+        self.size = len(data)
 
     def readinto(self, buffer: Any) -> int:
         fault = self._storage._check("read", self._key)

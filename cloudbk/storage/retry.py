@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-from cloudbk.errors import TransientError
+from cloudbk.errors import IntegrityError, TransientError
 from cloudbk.storage import deadline
 from cloudbk.storage.backoff import MIN_ATTEMPT, NO_RETRY, RetryPolicy
 from cloudbk.storage.base import (
@@ -39,7 +39,9 @@ class _ResumingReader(ObjectReader):
 
     One budget for the whole read, carried across every resume: inside a whole call, that call's deadline
     (which also bounds the healthy transfer); otherwise a retry budget that runs from a failure until the
-    stream shows the throughput floor again (:class:`~cloudbk.storage.deadline.StallWatch`).
+    stream shows the throughput floor again (:class:`~cloudbk.storage.deadline.StallWatch`). A read that ends
+    without an error short of its known length (the ``length`` asked for, else the size the storage announced)
+    raises ``IntegrityError``: a silent short read is never passed on as the whole object.
     """
 
     def __init__(self, storage: Storage, policy: RetryPolicy, key: str, offset: int, length: int | None) -> None:
@@ -55,6 +57,10 @@ class _ResumingReader(ObjectReader):
             self._budget, policy.stall_floor, policy.stall_window, key
         )
         self._inner = self._open()
+        self._expected = self._remaining if self._remaining is not None else self._inner.size
+        if self._remaining is None:
+            self._remaining = self._inner.size  # a resumed read asks for exactly the rest
+        self.size = self._expected
 
     def _open(self) -> ObjectReader:
         what = f"read {self._key}"
@@ -90,6 +96,14 @@ class _ResumingReader(ObjectReader):
                 log.info("resuming read of %s at offset %d after: %s", self._key, self._offset, exc.message)
                 self._inner = self._open()
                 continue
+            if n == 0 and self._remaining and len(memoryview(buffer)):
+                raise IntegrityError(
+                    f"read of {self._key} ended at byte {self._offset}, {self._remaining} bytes short of the "
+                    f"{self._expected} expected",
+                    key=self._key,
+                    hint="the storage cut the object short without an error; nothing read from it is used. Retry, "
+                    "and check the storage if it happens again",
+                )
             self._offset += n
             if self._remaining is not None:
                 self._remaining -= n

@@ -280,7 +280,9 @@ class S3Storage(Storage):
             if getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
                 return _EmptyReader()
             raise
-        return _S3Reader(self, key, response["Body"])
+        reader = _S3Reader(self, key, response["Body"])
+        reader.size = int(response["ContentLength"]) if "ContentLength" in response else None
+        return reader
 
     def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
         return S3Writer(self, key, mode)

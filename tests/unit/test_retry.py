@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from cloudbk.errors import AccessDenied, NotFound, TransientError
+from cloudbk.errors import AccessDenied, IntegrityError, NotFound, TransientError
 from cloudbk.storage.backoff import RetryPolicy
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.retry import RetryingStorage
@@ -88,12 +88,15 @@ def test_read_resumes_at_offset_after_mid_stream_fault() -> None:
     assert inner.calls["open_read"] == 3  # first open + two resumptions
 
 
-def test_truncated_read_is_visible_as_short_data() -> None:
+@pytest.mark.parametrize("length", [None, 9_000])
+def test_truncated_read_against_a_known_length_is_an_integrity_error(length: int | None) -> None:
     inner, storage, _ = _storage()
     inner.put_bytes("k", b"x" * 10_000)
-    inner.inject("read", after=1, truncate=True)
-    with storage.open_read("k") as reader:
-        assert len(reader.read()) < 10_000  # higher layers catch this by checksum and size
+    inner.inject("read", after=1, truncate=True)  # the stream ends early without an error
+    with pytest.raises(IntegrityError, match="short") as info, storage.open_read("k", 0, length) as reader:
+        reader.read()
+    assert info.value.key == "k"
+    assert inner.calls["open_read"] == 1  # not resumed: a silent end is not a transient fault
 
 
 def test_listing_restarts_without_duplicates() -> None:
