@@ -39,6 +39,7 @@ from cloudbk.repo import layout
 from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.repo.manifest import BASE_TAR, LinkEntry, Manifest, Tablespace, TarEntry, format_time
 from cloudbk.repo.objects import TAR, create_object
+from cloudbk.storage.backoff import RetryPolicy
 from cloudbk.storage.base import CREATE_ONLY, Storage
 
 log = logging.getLogger("cloudbk.backup")
@@ -217,28 +218,27 @@ def wait_for_wal(
 ) -> None:
     """Wait until segments ``first..last`` of ``timeline`` are archived: the index first, then a ``stat`` of
     the exact keys the index does not list yet (an index update may lag behind the object)."""
-    deadline = clock() + timeout
     missing = list(range(first, last + 1))
-    delay = 0.1
-    while True:
+
+    def archived() -> bool:
         index = load_index(storage, server)
-        missing = [s for s in missing if not index.has_segment(timeline, s)]
+        missing[:] = [s for s in missing if not index.has_segment(timeline, s)]
         while missing and storage.exists(layout.wal_key(server, segment_name(timeline, missing[0], segment_size))):
             missing.pop(0)
-        if not missing:
-            return
-        if clock() >= deadline:
-            name = segment_name(timeline, missing[0], segment_size)
-            status = diagnose()
-            raise OperationFailed(
-                f"WAL segment {name} was not archived within {timeout:.0f}s after the backup ended; "
-                f"the backup is not complete" + (f" ({status})" if status else ""),
-                key=layout.wal_key(server, name),
-                hint="check archive_command (it must run cloudbk-wal-push with this --repo/--server) and the "
-                "server log; pg_stat_archiver shows the last failure. --wal-wait sets how long to wait",
-            )
-        sleep(delay)
-        delay = min(delay * 2, 2.0)
+        return not missing
+
+    def give_up(attempts: int, seconds: float) -> Exception:
+        name = segment_name(timeline, missing[0], segment_size)
+        status = diagnose()
+        return OperationFailed(
+            f"WAL segment {name} was not archived within {timeout:.0f}s after the backup ended; "
+            f"the backup is not complete" + (f" ({status})" if status else ""),
+            key=layout.wal_key(server, name),
+            hint="check archive_command (it must run cloudbk-wal-push with this --repo/--server) and the "
+            "server log; pg_stat_archiver shows the last failure. --wal-wait sets how long to wait",
+        )
+
+    RetryPolicy(deadline=timeout, initial_delay=0.1, max_delay=2.0, sleep=sleep, clock=clock).poll(archived, give_up)
 
 
 def take_backup(

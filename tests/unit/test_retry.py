@@ -7,7 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from cloudbk.errors import AccessDenied, IntegrityError, NotFound, TransientError
+from cloudbk.errors import (
+    AccessDenied,
+    IntegrityError,
+    NotFound,
+    OperationFailed,
+    PreconditionFailed,
+    StorageError,
+    TransientError,
+)
 from cloudbk.storage.backoff import RetryPolicy
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.retry import RetryingStorage
@@ -186,3 +194,37 @@ def test_stall_watch_counts_only_time_spent_waiting() -> None:
             clock.now += 1.0
             watch.progress(10)
     assert not budget.running
+
+
+def test_lost_races_are_retried_with_the_same_backoff_until_the_deadline() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(deadline=2.0, initial_delay=0.01, max_delay=0.5, sleep=clock.sleep, clock=clock.clock)
+    attempts: list[float] = []
+
+    def lose() -> None:
+        attempts.append(clock.now)
+        raise PreconditionFailed("changed", key="idx")
+
+    def give_up(exc: PreconditionFailed, n: int, seconds: float) -> Exception:
+        return StorageError(f"{n} conflicts in {seconds:.1f}s", key=exc.key)
+
+    with pytest.raises(StorageError) as info:
+        policy.retry(lose, (PreconditionFailed,), give_up)
+    assert isinstance(info.value.__cause__, PreconditionFailed) and info.value.key == "idx"
+    assert len(attempts) > 3 and 1.8 <= clock.now <= 2.0
+    # non-matching errors pass straight through; a win returns at once
+    with pytest.raises(NotFound):
+        policy.retry(lambda: (_ for _ in ()).throw(NotFound("gone")), (PreconditionFailed,), give_up)
+    assert policy.retry(lambda: 7, (PreconditionFailed,), give_up) == 7
+
+
+def test_poll_waits_until_ready_or_the_deadline() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(deadline=10.0, sleep=clock.sleep, clock=clock.clock)
+    checks = iter([False, False, True])
+    policy.poll(lambda: next(checks), lambda n, s: AssertionError("gave up"))
+    assert 0 < clock.now < 1
+    began = clock.now
+    with pytest.raises(OperationFailed, match="not ready"):
+        policy.poll(lambda: False, lambda n, s: OperationFailed(f"not ready after {n} checks"))
+    assert 9.8 <= clock.now - began <= 10.0
