@@ -7,6 +7,9 @@
 Both directions stream: memory is bounded by the compressor's window and one chunk, never by the object
 size. The expected size and SHA-256 come from the header when it records them (WAL), else from the caller
 (a backup manifest's ``tars[].size`` / ``sha256``). The format is docs/format.md, "Object envelope".
+
+The JSON documents (the index, manifests, keep marks, heartbeats) are not data objects: they carry no
+envelope but their own ``format_version``, and are read and written whole (``get_bytes`` / ``put_bytes``).
 """
 
 from __future__ import annotations
