@@ -34,10 +34,9 @@ from cloudbk.pg.walnames import history_name, segment_name
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
 from cloudbk.repo.catalog import load_catalog, load_manifest, refuse_damaged
-from cloudbk.repo.compression import DecompressingReader
-from cloudbk.repo.envelope import read_header
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BASE_TAR, Manifest, TarEntry
+from cloudbk.repo.objects import TAR, open_object
 from cloudbk.repo.pitr import RecoveryPlan, Stretch, Target, check_complete, check_reach, choose_backup, plan_recovery
 from cloudbk.repo.ranges import runs
 from cloudbk.storage.base import Storage
@@ -210,6 +209,9 @@ def _make_dir(path: str, owner: tuple[int, int] | None) -> None:
 # -- extraction -----------------------------------------------------------------------------------------------
 
 
+_DAMAGED = "the stored backup is damaged; restore another backup"
+
+
 def _extract_tar(
     storage: Storage,
     server: str,
@@ -225,34 +227,22 @@ def _extract_tar(
     expected = {f.path: f for f in tar.files}
     base = tar.tablespace_oid is None
     rename = {PG_CONTROL: PG_CONTROL_TMP} if base else {}
-    with storage.open_read(key) as obj:
-        header = read_header(obj, key)
-        if header.kind != "tar" or header.name != tar.name:
-            raise IntegrityError(f"object {key} holds {header.kind} {header.name!r}, not tar {tar.name!r}", key=key)
-        stream = DecompressingReader(header.compression, obj)
+    source = open_object(storage, key, TAR, tar.name, tar.size, tar.sha256, origin="its manifest", hint=_DAMAGED)
+    with source:
+        extractor = SafeExtractor(
+            root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner, hash_stream=False,
+            links=links if base else {},
+            symlinks=tar.links is None,  # only backups from before links were recorded hold link members
+            trust_symlinks=options.link_all and tar.links is None,
+            reserved=RESERVED if base else {},
+        )  # fmt: skip
         try:
-            extractor = SafeExtractor(
-                root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner, hash_stream=False,
-                links=links if base else {},
-                symlinks=tar.links is None,  # only backups from before links were recorded hold link members
-                trust_symlinks=options.link_all and tar.links is None,
-                reserved=RESERVED if base else {},
-            )  # fmt: skip
-            result, _, _ = extractor.extract(stream)  # the decompressor hashes the whole stream already
-            sha256, size = stream.sha256, stream.size
+            result, _, _ = extractor.extract(source)  # the codec checks the whole stream against the manifest
+            source.finish()
         except IntegrityError as exc:
             if exc.key is None:
                 exc.key = key
             raise
-        finally:
-            stream.close()
-    if size != tar.size or sha256 != tar.sha256:
-        raise IntegrityError(
-            f"backup object {key} does not match its manifest: {size} bytes with SHA-256 {sha256[:16]}…, "
-            f"expected {tar.size} bytes with {tar.sha256[:16]}…",
-            key=key,
-            hint="the stored backup is damaged; restore another backup",
-        )
     absent = sorted(set(expected) - set(result.files))
     if absent:
         raise IntegrityError(

@@ -43,12 +43,12 @@ from cloudbk.pg.datadir import (
 from cloudbk.pg.walnames import lsn_segno, segment_name
 from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
-from cloudbk.repo.compression import CompressingWriter
-from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.repo.inflight import Heartbeat
 from cloudbk.repo.manifest import BASE_TAR, FileEntry, LinkEntry, Manifest, TarEntry, format_time
-from cloudbk.storage.base import CREATE_ONLY, ObjectWriter, Storage
+from cloudbk.repo.objects import TAR, create_object
+from cloudbk.storage.backoff import RetryPolicy
+from cloudbk.storage.base import CREATE_ONLY, Storage
 
 log = logging.getLogger("cloudbk.backup")
 
@@ -120,15 +120,9 @@ class _TarUpload:
     ) -> None:
         self.name = name
         self.key = key
-        self.writer: ObjectWriter = storage.open_write(key, CREATE_ONLY)
-        try:
-            self.writer.write(Header(kind="tar", name=name, compression=compression).encode())
-            self.compressor = CompressingWriter(compression, self.writer, threads=threads)
-        except BaseException:
-            self.writer.abort()
-            raise
+        self.sink = create_object(storage, key, TAR, name, compression, threads=threads)
         # files are read and hashed in this thread; the stream is hashed, compressed and uploaded in another
-        self.pipe = PipeSink(self.compressor)
+        self.pipe = PipeSink(self.sink)
         self.tar = TarWriter(self.pipe, on_bytes)
         self.files: list[tuple[str, int, str]] = []
         self.links: list[LinkEntry] = []
@@ -172,21 +166,20 @@ class _TarUpload:
     def finish(self, tablespace_oid: int | None) -> TarEntry:
         self.tar.close()
         self.pipe.close()
-        self.compressor.finish()
-        info = self.writer.commit()
+        stored = self.sink.commit()
         return TarEntry(
             name=self.name,
             tablespace_oid=tablespace_oid,
-            size=self.compressor.size,
-            sha256=self.compressor.sha256,
-            stored_size=info.size,
+            size=stored.size,
+            sha256=stored.sha256,
+            stored_size=stored.stored_size,
             files=[FileEntry(p, s, h) for p, s, h in self.files],
             links=self.links,
         )
 
     def abort(self) -> None:
         self.pipe.abort()
-        self.writer.abort()
+        self.sink.abort()
 
 
 def _stream_entries(upload: _TarUpload, entries: list[Entry]) -> None:
@@ -231,28 +224,27 @@ def wait_for_wal(
 ) -> None:
     """Wait until segments ``first..last`` of ``timeline`` are archived: the index first, then a ``stat`` of
     the exact keys the index does not list yet (an index update may lag behind the object)."""
-    deadline = clock() + timeout
     missing = list(range(first, last + 1))
-    delay = 0.1
-    while True:
+
+    def archived() -> bool:
         index = load_index(storage, server)
-        missing = [s for s in missing if not index.has_segment(timeline, s)]
+        missing[:] = [s for s in missing if not index.has_segment(timeline, s)]
         while missing and storage.exists(layout.wal_key(server, segment_name(timeline, missing[0], segment_size))):
             missing.pop(0)
-        if not missing:
-            return
-        if clock() >= deadline:
-            name = segment_name(timeline, missing[0], segment_size)
-            status = diagnose()
-            raise OperationFailed(
-                f"WAL segment {name} was not archived within {timeout:.0f}s after the backup ended; "
-                f"the backup is not complete" + (f" ({status})" if status else ""),
-                key=layout.wal_key(server, name),
-                hint="check archive_command (it must run cloudbk-wal-push with this --repo/--server) and the "
-                "server log; pg_stat_archiver shows the last failure. --wal-wait sets how long to wait",
-            )
-        sleep(delay)
-        delay = min(delay * 2, 2.0)
+        return not missing
+
+    def give_up(attempts: int, seconds: float) -> Exception:
+        name = segment_name(timeline, missing[0], segment_size)
+        status = diagnose()
+        return OperationFailed(
+            f"WAL segment {name} was not archived within {timeout:.0f}s after the backup ended; "
+            f"the backup is not complete" + (f" ({status})" if status else ""),
+            key=layout.wal_key(server, name),
+            hint="check archive_command (it must run cloudbk-wal-push with this --repo/--server) and the "
+            "server log; pg_stat_archiver shows the last failure. --wal-wait sets how long to wait",
+        )
+
+    RetryPolicy(deadline=timeout, initial_delay=0.1, max_delay=2.0, sleep=sleep, clock=clock).poll(archived, give_up)
 
 
 @dataclass(frozen=True)

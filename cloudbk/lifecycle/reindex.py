@@ -33,12 +33,10 @@ from cloudbk.pg.walnames import (
 )
 from cloudbk.repo import layout
 from cloudbk.repo.catalog import KEEP_FULL, read_keep_mark
-from cloudbk.repo.compression import DecompressingReader
-from cloudbk.repo.envelope import read_header
 from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.repo.manifest import Manifest
+from cloudbk.repo.objects import WAL, open_object, read_object
 from cloudbk.storage.base import Storage
-from cloudbk.wal.fetch import read_verified
 
 log = logging.getLogger("cloudbk.lifecycle.reindex")
 
@@ -65,15 +63,10 @@ def _segments(index: Index) -> set[tuple[int, int]]:
     return {(t, n) for t, ranges in index.segments.items() for a, b in ranges for n in range(a, b + 1)}
 
 
-def _segment_header_facts(storage: Storage, key: str) -> tuple[str, int] | None:
+def _segment_header_facts(storage: Storage, key: str, name: str) -> tuple[str, int] | None:
     """(system identifier, segment size) from the first bytes of a stored segment."""
-    with storage.open_read(key) as obj:
-        header = read_header(obj, key)
-        reader = DecompressingReader(header.compression, obj)
-        try:
-            head = reader.read(64)
-        finally:
-            reader.close()
+    with open_object(storage, key, WAL, name) as source:
+        head = source.read(64)
     parsed = parse_segment_header(head)
     return None if parsed is None else (str(parsed.system_identifier), parsed.segment_size)
 
@@ -125,7 +118,7 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
         elif wal.kind == HISTORY:
             chunks: list[bytes] = []
             try:
-                read_verified(storage, info.key, name, chunks.append)
+                read_object(storage, info.key, WAL, name, chunks.append)
                 entries: list[HistoryEntry] = parse_history(b"".join(chunks).decode())
             except (IntegrityError, UsageError, UnicodeDecodeError) as exc:
                 report.unreadable.append(f"{info.key}: {exc}")
@@ -135,7 +128,7 @@ def scan(storage: Storage, server: str, old: Index) -> tuple[Index, ReindexRepor
             new.add_other_file(name)
 
     if segment_keys and (new.wal_segment_size is None or new.system_identifier is None):
-        facts = _segment_header_facts(storage, segment_keys[0][0])
+        facts = _segment_header_facts(storage, *segment_keys[0])
         if facts is not None:
             new.system_identifier = new.system_identifier or facts[0]
             new.wal_segment_size = new.wal_segment_size or facts[1]

@@ -18,6 +18,9 @@ from typing import Any
 from cloudbk.errors import IntegrityError, refuse_newer_format
 
 MAGIC = b"CLOUDBK\x01"
+#: the kinds of content an object holds (the header's ``kind``)
+WAL = "wal"
+TAR = "tar"
 FORMAT_VERSION = 1
 MAX_HEADER = 64 * 1024  # a header is a few hundred bytes; anything larger is garbage, not a header
 _LEN = struct.Struct(">I")

@@ -9,8 +9,6 @@ so concurrent writers never lose an entry. ``cloudbk reindex`` rebuilds it from 
 from __future__ import annotations
 
 import json
-import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,10 +26,12 @@ from cloudbk.errors import (
 from cloudbk.pg.walnames import HistoryEntry, format_lsn, parse_lsn
 from cloudbk.repo import layout, ranges
 from cloudbk.repo.ranges import Ranges
+from cloudbk.storage.backoff import RetryPolicy
 from cloudbk.storage.base import CREATE_ONLY, IfVersion, Storage
 
 INDEX_FORMAT_VERSION = 1
 CAS_DEADLINE = 120.0  # seconds of conflicts before giving up; each round trip is one read + one write
+CAS_FIRST_DELAY, CAS_MAX_DELAY = 0.01, 0.5  # backoff after a lost race: short, the winner is already done
 
 
 def format_index_time(moment: datetime) -> str:
@@ -175,7 +175,8 @@ def update_index(
     deadline: float = CAS_DEADLINE,
     replace_unreadable: bool = False,
 ) -> Index:
-    """Apply ``mutate`` to the index with compare-and-swap, retrying on conflict.
+    """Apply ``mutate`` to the index with compare-and-swap, retrying lost races (the one retry mechanism,
+    :meth:`cloudbk.storage.backoff.RetryPolicy.retry`, for ``deadline`` seconds or a whole call's deadline).
 
     ``mutate`` changes the index in place and returns True if it changed anything (False skips the write).
     It may run several times, each time on a freshly read index, so it must be idempotent.
@@ -183,10 +184,8 @@ def update_index(
     does not parse, and the write replaces the damaged object only if it is still that version.
     """
     key = layout.index_key(server)
-    start = time.monotonic()
-    attempt = 0
-    while True:
-        attempt += 1
+
+    def attempt() -> Index:
         try:
             data, version = storage.get_bytes_versioned(key)
             current: str | None = version
@@ -201,14 +200,15 @@ def update_index(
         if not mutate(index):
             return index
         index.updated_at = format_index_time(datetime.now(UTC))
-        try:
-            storage.put_bytes(key, index.to_json(), CREATE_ONLY if current is None else IfVersion(current))
-            return index
-        except (PreconditionFailed, AlreadyExists) as exc:
-            if time.monotonic() - start > deadline:
-                raise StorageError(
-                    f"could not update index {key}: {attempt} conflicting updates in {deadline:.0f}s",
-                    key=key,
-                    hint="too many concurrent writers; the data is stored, run `cloudbk reindex` later",
-                ) from exc
-            time.sleep(random.uniform(0.0, min(0.5, 0.01 * attempt)))
+        storage.put_bytes(key, index.to_json(), CREATE_ONLY if current is None else IfVersion(current))
+        return index
+
+    def give_up(exc: StorageError, attempts: int, seconds: float) -> Exception:
+        return StorageError(
+            f"could not update index {key}: {attempts} conflicting updates in {seconds:.0f}s",
+            key=key,
+            hint="too many concurrent writers; the data is stored, run `cloudbk reindex` later",
+        )
+
+    policy = RetryPolicy(deadline=deadline, initial_delay=CAS_FIRST_DELAY, max_delay=CAS_MAX_DELAY)
+    return policy.retry(attempt, (PreconditionFailed, AlreadyExists), give_up)

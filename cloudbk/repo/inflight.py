@@ -11,8 +11,9 @@ before its first upload starts, rewritten every ``HEARTBEAT_INTERVAL`` seconds, 
 - it was started longer than the stale-upload age ago (a setting, default one day): a younger upload may
   belong to a ``wal-push`` or a ``backup-push`` that is just starting.
 
-Backends without incomplete uploads list none (:meth:`cloudbk.storage.base.Storage.list_uploads`): the local
-filesystem and memory have no such thing; Azure and GCS discard theirs by themselves (docs/lifecycle.md).
+Backends without incomplete uploads (``capabilities.incomplete_uploads`` false, see
+:class:`cloudbk.storage.base.Capabilities`) are not asked: the local filesystem and memory have no such thing;
+Azure and GCS discard theirs by themselves (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def find_stale_uploads(
     storage: Storage, server: str, now: datetime, max_age: timedelta, timeout: timedelta = HEARTBEAT_TIMEOUT
 ) -> list[UploadInfo]:
     """List the incomplete uploads under ``<server>/`` and pick the stale ones (see the module docstring)."""
+    if not storage.capabilities.incomplete_uploads:
+        return []
     uploads = list(storage.list_uploads(layout.server_prefix(server)))
     if not uploads:
         return []

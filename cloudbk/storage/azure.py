@@ -36,6 +36,7 @@ from cloudbk.redact import redact_url
 from cloudbk.storage.azureclient import CREDENTIALS_HINT, build_client
 from cloudbk.storage.base import (
     OVERWRITE,
+    Capabilities,
     CreateOnly,
     IfVersion,
     ObjectInfo,
@@ -49,7 +50,7 @@ from cloudbk.storage.base import (
 from cloudbk.storage.parts import PartWriter
 
 if TYPE_CHECKING:
-    from cloudbk.storage.registry import StorageOptions
+    from cloudbk.storage.base import StorageOptions
 
 MiB = 1024 * 1024
 
@@ -113,7 +114,7 @@ def _redact_url(url: str) -> str:
 
 class AzureStorage(Storage):
     scheme = "azure"
-    delete_batch_size = MAX_BATCH
+    capabilities = Capabilities(delete_batch_size=MAX_BATCH)  # uncommitted blocks expire by themselves
 
     def __init__(self, url: str, container: str, prefix: str, options: StorageOptions) -> None:
         super().__init__(url)
@@ -223,7 +224,9 @@ class AzureStorage(Storage):
                 raise
             self.stat(key)  # a range starting at or past the end: empty, if the blob exists
             return _AzureReader(self, key, iter(()))
-        return _AzureReader(self, key, downloader.chunks())
+        reader = _AzureReader(self, key, downloader.chunks())
+        reader.size = int(downloader.size)
+        return reader
 
     def get_bytes_versioned(self, key: str) -> tuple[bytes, str]:
         """Data and ETag from one download; later GETs of a large object are pinned to that ETag by the SDK."""
@@ -245,7 +248,9 @@ class AzureStorage(Storage):
         check_prefix(prefix)
         start = self._root + prefix
         with self._guard("cannot list", prefix or "/"):
-            pages = self._container.list_blobs(name_starts_with=start, results_per_page=self.list_page_size).by_page()
+            pages = self._container.list_blobs(
+                name_starts_with=start, results_per_page=self.capabilities.list_page_size
+            ).by_page()
         while True:
             with self._guard("cannot list", prefix or "/"):
                 page = next(pages, None)  # one List Blobs request per page, only when the caller wants more
@@ -257,7 +262,7 @@ class AzureStorage(Storage):
 
     def delete_many(self, keys: Iterable[str]) -> None:
         names = [self._name(k) for k in keys]
-        size = max(1, min(self.delete_batch_size, MAX_BATCH))
+        size = max(1, self.capabilities.delete_batch_size)
         if len(names) == 1:
             self._delete_one(names[0])  # one plain request is cheaper than a batch of one
             return
@@ -322,7 +327,7 @@ class _AzureWriter(PartWriter):
     """Put Blob for one block; Put Block per block and Put Block List to publish larger objects."""
 
     def __init__(self, storage: AzureStorage, key: str, mode: WriteMode) -> None:
-        super().__init__(key, mode, storage.block_size, storage.retry_policy)
+        super().__init__(key, mode, storage.block_size)
         self._storage = storage
         self._client = storage._blob(key)
         self._initial = storage.block_size

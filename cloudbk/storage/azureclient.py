@@ -11,7 +11,7 @@ from cloudbk.errors import UsageError
 from cloudbk.storage.deadline import WatchedBody, request_timeout
 
 if TYPE_CHECKING:
-    from cloudbk.storage.registry import StorageOptions
+    from cloudbk.storage.base import StorageOptions
 
 MiB = 1024 * 1024
 

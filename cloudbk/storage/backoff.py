@@ -1,4 +1,8 @@
-"""Retry policy: exponential backoff with jitter under a total time deadline (used by storage.retry).
+"""Retry policy: exponential backoff with jitter under a total time deadline: the one retry mechanism.
+
+The storage retry layer (:mod:`cloudbk.storage.retry`) retries transient errors with :meth:`RetryPolicy.call`;
+the index's compare-and-swap retries lost races with :meth:`RetryPolicy.retry`, and a backup waits for its WAL
+with :meth:`RetryPolicy.poll`, with the same backoff and the same last-attempt rule.
 
 Every attempt runs under a :class:`~cloudbk.storage.deadline.Deadline`: the enclosing one (a whole call, or a
 stream's retry budget) when there is one, else one of ``deadline`` seconds for this operation. The drivers
@@ -28,6 +32,7 @@ from cloudbk.storage.deadline import (
 )
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 #: The least time worth making an attempt in: below it, the policy gives up rather than try once more.
 MIN_ATTEMPT = 0.1
@@ -70,9 +75,38 @@ class RetryPolicy:
                 return fn()  # no retries, and no deadline to impose on the driver's timeouts
             budget = self.new_deadline()
         with watching(watch or budget), backstop(budget) if not transfer else nullcontext():
-            return self._attempts(fn, what, budget)
+            return self._attempts(fn, budget, (TransientError,), _still_failing(what))
 
-    def _attempts(self, fn: Callable[[], T], what: str, budget: Deadline) -> T:
+    def retry(
+        self,
+        fn: Callable[[], T],
+        retry_on: tuple[type[E], ...],
+        give_up: Callable[[E, int, float], Exception],
+    ) -> T:
+        """Run ``fn`` again while it raises one of ``retry_on`` (a lost compare-and-swap race), with the same
+        backoff, until the deadline: the enclosing one (a whole call), else ``self.deadline`` seconds.
+
+        Then ``give_up(last error, attempts, seconds)`` is raised, chained to the last error. Unlike
+        :meth:`call` this sets no watch: the storage operations inside ``fn`` keep their own deadlines.
+        """
+        return self._attempts(fn, enclosing_deadline() or self.new_deadline(), retry_on, give_up)
+
+    def poll(self, ready: Callable[[], bool], give_up: Callable[[int, float], Exception]) -> None:
+        """Call ``ready`` with backoff until it returns True; at the deadline raise ``give_up(attempts, seconds)``."""
+
+        def attempt() -> None:
+            if not ready():
+                raise _NotReady
+
+        self.retry(attempt, (_NotReady,), lambda exc, attempts, seconds: give_up(attempts, seconds))
+
+    def _attempts(
+        self,
+        fn: Callable[[], T],
+        budget: Deadline,
+        retry_on: tuple[type[E], ...],
+        give_up: Callable[[E, int, float], Exception],
+    ) -> T:
         delay = self.initial_delay
         attempts = 0
         start = self.clock()
@@ -82,22 +116,32 @@ class RetryPolicy:
             began = self.clock()
             try:
                 return fn()
-            except TransientError as exc:
+            except retry_on as exc:
                 remaining = budget.remaining()
                 if last or remaining < MIN_ATTEMPT:
-                    raise TransientError(
-                        f"{what}: storage still failing after {attempts} attempts in {self.clock() - start:.1f}s: "
-                        f"{exc.message}",
-                        key=exc.key,
-                        hint="check that the storage endpoint is reachable and healthy; the retry deadline is "
-                        "set by --retry-deadline / CLOUDBK_RETRY_DEADLINE",
-                    ) from exc
+                    raise give_up(exc, attempts, self.clock() - start) from exc
                 pause = delay * random.uniform(0.5, 1.0)
                 share = max(self.clock() - began, MIN_ATTEMPT)  # what one more attempt may need
                 if pause > remaining - share:
                     pause, last = max(0.0, remaining - share), True
                 self.sleep(pause)
                 delay = min(delay * 2, self.max_delay)
+
+
+class _NotReady(Exception):
+    """A polled condition is not met yet (internal to :meth:`RetryPolicy.poll`)."""
+
+
+def _still_failing(what: str) -> Callable[[TransientError, int, float], Exception]:
+    def give_up(exc: TransientError, attempts: int, seconds: float) -> Exception:
+        return TransientError(
+            f"{what}: storage still failing after {attempts} attempts in {seconds:.1f}s: {exc.message}",
+            key=exc.key,
+            hint="check that the storage endpoint is reachable and healthy; the retry deadline is set by "
+            "--retry-deadline / CLOUDBK_RETRY_DEADLINE",
+        )
+
+    return give_up
 
 
 NO_RETRY = RetryPolicy(deadline=0.0)

@@ -17,25 +17,57 @@ A ``Storage`` is rooted at a repository URL (``s3://bucket/prefix`` …); keys a
 - ``delete_many`` deletes in batches; keys that do not exist are not an error.
 - Every SDK error is translated into the taxonomy of :mod:`cloudbk.errors` at the driver boundary.
 - Drivers do not retry (SDK-internal retries are turned off); :mod:`cloudbk.storage.retry` does, uniformly.
+  A writer that uploads in parts holds their bytes, so the retry layer hands it its policy
+  (:meth:`ObjectWriter.use_retry`); a bare driver's writer tries each request once.
+- What a backend can do and its limits are data: :class:`Capabilities`; what it needs beyond the URL:
+  :class:`StorageOptions`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from cloudbk.errors import UsageError
-from cloudbk.storage.backoff import NO_RETRY, RetryPolicy
+from cloudbk.storage.backoff import RetryPolicy
 
 # A chunk size for streaming copies: large enough to amortise per-call overhead, small enough to bound memory.
 COPY_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """What a driver needs beyond the URL.
+
+    ``environ`` is where drivers look up credentials and emulator settings (``AWS_*``,
+    ``AZURE_STORAGE_*``, ``STORAGE_EMULATOR_HOST`` …); it defaults to the process environment. Tests pass
+    their own so two emulators with different credentials can be used from one process.
+    """
+
+    endpoint_url: str | None = None
+    retry_deadline: float = 60.0
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, and its limits, as data; each driver declares its own, citing the source."""
+
+    #: keys per listing page (S3 and GCS return at most 1,000); tests lower it to exercise pagination
+    list_page_size: int = 1000
+    #: keys per batched delete request (S3 DeleteObjects takes at most 1,000)
+    delete_batch_size: int = 1000
+    #: a killed writer can leave an incomplete upload the service keeps (and bills) until it is aborted;
+    #: only then do ``list_uploads`` / ``abort_upload`` have anything to do
+    incomplete_uploads: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +136,10 @@ def check_prefix(prefix: str) -> str:
 class ObjectReader(io.RawIOBase):
     """A streaming read of one object (or one byte range of it). Drivers implement ``readinto``."""
 
+    #: the bytes this read delivers when complete, as the storage announced them (None: not announced); the
+    #: retry layer reports a read that ends short of it as an ``IntegrityError``
+    size: int | None = None
+
     def readable(self) -> bool:
         return True
 
@@ -129,6 +165,14 @@ class ObjectWriter(ABC):
     def abort(self) -> None:
         """Discard everything written; nothing becomes visible. Safe to call more than once, never raises."""
 
+    def use_retry(self, policy: RetryPolicy) -> None:
+        """Retry each request this writer makes (a part, the completion) under ``policy``.
+
+        Called by the retry layer before the first ``write``. Only the writer holds a part's bytes, so only it
+        can send them again; a writer whose requests cannot be repeated (a local file) ignores it.
+        """
+        return None
+
     # file-like conveniences so compressors and tarfile can write into a writer
     def writable(self) -> bool:
         return True
@@ -151,12 +195,8 @@ class Storage(ABC):
 
     #: URL scheme(s) this driver serves; informational.
     scheme: str = ""
-    #: Keys per listing page. Tests lower it to exercise pagination; drivers pass it to the SDK.
-    list_page_size: int = 1000
-    #: Keys per batched delete request (S3 DeleteObjects takes at most 1000 keys per call).
-    delete_batch_size: int = 1000
-    #: How writers retry their parts. ``open_storage`` installs the configured policy.
-    retry_policy: RetryPolicy = NO_RETRY
+    #: What this backend can do and its limits (drivers declare theirs).
+    capabilities: Capabilities = Capabilities()
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -187,10 +227,10 @@ class Storage(ABC):
         """Release clients and connections."""
         return None
 
-    # -- an optional capability: incomplete uploads a killed writer left behind ------------------------------
+    # -- incomplete uploads a killed writer left behind (``capabilities.incomplete_uploads``) ----------------
 
     def list_uploads(self, prefix: str = "") -> Iterator[UploadInfo]:
-        """Incomplete multipart uploads whose key starts with ``prefix``. Backends without the concept (or
+        """Incomplete multipart uploads whose key starts with ``prefix``. Backends without the capability (or
         whose service discards them by itself) have none: the default yields nothing."""
         return iter(())
 

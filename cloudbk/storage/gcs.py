@@ -64,7 +64,7 @@ from cloudbk.storage.parts import PartWriter
 if TYPE_CHECKING:
     import requests
 
-    from cloudbk.storage.registry import StorageOptions
+    from cloudbk.storage.base import StorageOptions
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
@@ -282,7 +282,7 @@ class GCSStorage(Storage):
         check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
         fields = "items(name,size,generation,updated),nextPageToken"
-        params = {"prefix": root + prefix, "maxResults": str(self.list_page_size), "fields": fields}
+        params = {"prefix": root + prefix, "maxResults": str(self.capabilities.list_page_size), "fields": fields}
         last: str | None = None
         while True:
             resp = self._request("GET", self._objects_url, "list", None, params=params)
@@ -367,7 +367,7 @@ class _GCSWriter(PartWriter):
     parallel_parts = False
 
     def __init__(self, storage: GCSStorage, key: str, mode: WriteMode) -> None:
-        super().__init__(key, mode, storage.part_size, storage.retry_policy)
+        super().__init__(key, mode, storage.part_size)
         self._s = storage
         self._name = storage._name(key)
         self._token = secrets.token_hex(16)

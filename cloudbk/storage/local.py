@@ -176,6 +176,8 @@ class _LocalReader(ObjectReader):
         self._f = f
         self._key = key
         self._remaining = length
+        available = max(0, os.fstat(f.fileno()).st_size - f.tell())
+        self.size = available if length is None else min(length, available)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer)

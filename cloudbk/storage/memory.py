@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cloudbk.errors import AlreadyExists, NotFound, PreconditionFailed, TransientError
+from cloudbk.storage.backoff import NO_RETRY, RetryPolicy
 from cloudbk.storage.base import (
     OVERWRITE,
     CreateOnly,
@@ -126,20 +127,22 @@ class MemoryStorage(Storage):
         while True:
             self._check("list", prefix)
             with self._lock:
-                keys = sorted(k for k in self._objects if k.startswith(prefix) and k > last)[: self.list_page_size]
+                keys = sorted(k for k in self._objects if k.startswith(prefix) and k > last)[
+                    : self.capabilities.list_page_size
+                ]
                 page = [
                     ObjectInfo(k, len(self._objects[k].data), str(self._objects[k].version), self._objects[k].modified)
                     for k in keys
                 ]
             yield from page
-            if len(page) < self.list_page_size:
+            if len(page) < self.capabilities.list_page_size:
                 return
             last = page[-1].key
 
     def delete_many(self, keys: Iterable[str]) -> None:
         batch = [check_key(k) for k in keys]
-        for start in range(0, len(batch), self.delete_batch_size):
-            chunk = batch[start : start + self.delete_batch_size]
+        for start in range(0, len(batch), self.capabilities.delete_batch_size):
+            chunk = batch[start : start + self.capabilities.delete_batch_size]
             self._check("delete_many", chunk[0])
             with self._lock:
                 for key in chunk:
@@ -168,6 +171,7 @@ class _MemoryReader(ObjectReader):
         self._key = key
         self._data = memoryview(data)
         self._pos = 0
+        self.size = len(data)
 
     def readinto(self, buffer: Any) -> int:
         fault = self._storage._check("read", self._key)
@@ -187,6 +191,10 @@ class _MemoryWriter(ObjectWriter):
         self._mode = mode
         self._chunks: list[bytes] = []
         self._done = False
+        self._policy = NO_RETRY
+
+    def use_retry(self, policy: RetryPolicy) -> None:
+        self._policy = policy
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._done:
@@ -198,10 +206,9 @@ class _MemoryWriter(ObjectWriter):
     def commit(self) -> ObjectInfo:
         if self._done:
             raise ValueError(f"commit of {self.key} after commit or abort")
-        policy = self._storage.retry_policy
         data = b"".join(self._chunks)
         try:
-            info = policy.call(lambda: self._storage._publish(self.key, data, self._mode), f"write {self.key}")
+            info = self._policy.call(lambda: self._storage._publish(self.key, data, self._mode), f"write {self.key}")
         except BaseException:
             self.abort()
             raise

@@ -1,10 +1,11 @@
 """A generic buffered writer for object stores that upload in parts (S3 multipart, Azure blocks, GCS chunks).
 
 It buffers up to ``part_size`` bytes (plus one ``write`` call's worth), hands each full part to a small
-thread pool so up to ``parts_in_flight`` parts upload at once, and retries each part under the storage's
-retry policy: the part's bytes are still in hand, so a transient failure costs one part, not the whole
-stream. Memory is bounded by ``(parts_in_flight + 1) * part_size`` whatever the object size: ``write``
-blocks while the pool is full (backpressure), so a fast producer cannot run ahead of the network.
+thread pool so up to ``parts_in_flight`` parts upload at once, and retries each part under the policy the
+retry layer hands it (:meth:`use_retry`; a bare driver's writer tries once): the part's bytes are still in
+hand, so a transient failure costs one part, not the whole stream. Memory is bounded by
+``(parts_in_flight + 1) * part_size`` whatever the object size: ``write`` blocks while the pool is full
+(backpressure), so a fast producer cannot run ahead of the network.
 
 Objects that fit in one part are stored with a single request. The last part is always sent by ``_finish``,
 after every other part has been stored, so drivers that need to know the end of the stream (GCS resumable
@@ -25,7 +26,7 @@ import concurrent.futures as cf
 import contextvars
 from abc import abstractmethod
 
-from cloudbk.storage.backoff import RetryPolicy
+from cloudbk.storage.backoff import NO_RETRY, RetryPolicy
 from cloudbk.storage.base import ObjectInfo, ObjectWriter, WriteMode
 
 #: Parts of one object uploading at the same time. Four keeps a 1 Gbit/s link busy with 8-16 MiB parts
@@ -39,13 +40,11 @@ class PartWriter(ObjectWriter):
     #: Upper bound of parts uploading at once (when ``parallel_parts``); 1 means sequential.
     parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT
 
-    def __init__(
-        self, key: str, mode: WriteMode, part_size: int, policy: RetryPolicy, parts_in_flight: int | None = None
-    ) -> None:
+    def __init__(self, key: str, mode: WriteMode, part_size: int, parts_in_flight: int | None = None) -> None:
         self.key = key
         self.mode = mode
         self.part_size = part_size
-        self.policy = policy
+        self.policy = NO_RETRY
         if parts_in_flight is not None:
             self.parts_in_flight = max(1, parts_in_flight)
         self._buffer = bytearray()
@@ -55,6 +54,9 @@ class PartWriter(ObjectWriter):
         self._done = False
         self._pool: cf.ThreadPoolExecutor | None = None
         self._pending: set[cf.Future[None]] = set()
+
+    def use_retry(self, policy: RetryPolicy) -> None:
+        self.policy = policy
 
     # -- primitives for drivers ---------------------------------------------------------------------------
 

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cloudbk.errors import UsageError
 from cloudbk.redact import redact_url
-from cloudbk.storage.base import Storage
+from cloudbk.storage.base import Storage, StorageOptions
+
+__all__ = ["SCHEMES", "ParsedURL", "StorageOptions", "open_driver", "open_storage", "parse_url"]
 
 SCHEMES = ("file", "s3", "gs", "azure", "memory")
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """What a driver needs beyond the URL.
-
-    ``environ`` is where drivers look up credentials and emulator settings (``AWS_*``,
-    ``AZURE_STORAGE_*``, ``STORAGE_EMULATOR_HOST`` …); it defaults to the process environment. Tests pass
-    their own so two emulators with different credentials can be used from one process.
-    """
-
-    endpoint_url: str | None = None
-    retry_deadline: float = 60.0
-    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
 @dataclass(frozen=True)

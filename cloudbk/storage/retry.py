@@ -1,9 +1,10 @@
 """The one retry layer: transient storage errors are retried with backoff until a time deadline.
 
 Retry is decided by the error class (:class:`~cloudbk.errors.TransientError`), never by message text.
-Drivers turn their SDK's own retries off, so behaviour is uniform and testable. Streaming writes retry their
-parts inside :class:`cloudbk.storage.parts.PartWriter` with the same policy; streaming reads resume at the
-offset where a transient error interrupted them.
+Drivers turn their SDK's own retries off, so behaviour is uniform and testable. A writer holds its parts'
+bytes, so the layer hands it the policy when it opens it (:meth:`~cloudbk.storage.base.ObjectWriter.use_retry`)
+and the writer retries each part; streaming reads resume at the offset where a transient error interrupted
+them.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-from cloudbk.errors import TransientError
+from cloudbk.errors import IntegrityError, TransientError
 from cloudbk.storage import deadline
 from cloudbk.storage.backoff import MIN_ATTEMPT, NO_RETRY, RetryPolicy
 from cloudbk.storage.base import (
     OVERWRITE,
+    Capabilities,
     ObjectInfo,
     ObjectReader,
     ObjectWriter,
@@ -37,7 +39,9 @@ class _ResumingReader(ObjectReader):
 
     One budget for the whole read, carried across every resume: inside a whole call, that call's deadline
     (which also bounds the healthy transfer); otherwise a retry budget that runs from a failure until the
-    stream shows the throughput floor again (:class:`~cloudbk.storage.deadline.StallWatch`).
+    stream shows the throughput floor again (:class:`~cloudbk.storage.deadline.StallWatch`). A read that ends
+    without an error short of its known length (the ``length`` asked for, else the size the storage announced)
+    raises ``IntegrityError``: a silent short read is never passed on as the whole object.
     """
 
     def __init__(self, storage: Storage, policy: RetryPolicy, key: str, offset: int, length: int | None) -> None:
@@ -53,6 +57,10 @@ class _ResumingReader(ObjectReader):
             self._budget, policy.stall_floor, policy.stall_window, key
         )
         self._inner = self._open()
+        self._expected = self._remaining if self._remaining is not None else self._inner.size
+        if self._remaining is None:
+            self._remaining = self._inner.size  # a resumed read asks for exactly the rest
+        self.size = self._expected
 
     def _open(self) -> ObjectReader:
         what = f"read {self._key}"
@@ -88,6 +96,14 @@ class _ResumingReader(ObjectReader):
                 log.info("resuming read of %s at offset %d after: %s", self._key, self._offset, exc.message)
                 self._inner = self._open()
                 continue
+            if n == 0 and self._remaining and len(memoryview(buffer)):
+                raise IntegrityError(
+                    f"read of {self._key} ended at byte {self._offset}, {self._remaining} bytes short of the "
+                    f"{self._expected} expected",
+                    key=self._key,
+                    hint="the storage cut the object short without an error; nothing read from it is used. Retry, "
+                    "and check the storage if it happens again",
+                )
             self._offset += n
             if self._remaining is not None:
                 self._remaining -= n
@@ -106,12 +122,15 @@ class RetryingStorage(Storage):
         super().__init__(inner.url)
         self.inner = inner
         self.policy = policy
-        self.retry_policy = policy
-        # Writers retry their own parts (they hold the bytes); hand them the same policy.
-        inner.retry_policy = policy
-        self.list_page_size = inner.list_page_size
-        self.delete_batch_size = inner.delete_batch_size
         self.scheme = inner.scheme
+
+    @property  # the driver's, read and set through the wrapper
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    @capabilities.setter
+    def capabilities(self, value: Capabilities) -> None:
+        self.inner.capabilities = value
 
     def stat(self, key: str) -> ObjectInfo:
         return self.policy.call(lambda: self.inner.stat(key), f"stat {key}")
@@ -120,7 +139,9 @@ class RetryingStorage(Storage):
         return _ResumingReader(self.inner, self.policy, key, offset, length)
 
     def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
-        return self.policy.call(lambda: self.inner.open_write(key, mode), f"write {key}")
+        writer = self.policy.call(lambda: self.inner.open_write(key, mode), f"write {key}")
+        writer.use_retry(self.policy)  # only the writer holds its parts' bytes, so it sends them again
+        return writer
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         last: str | None = None
@@ -149,7 +170,7 @@ class RetryingStorage(Storage):
         batch: builtins.list[str] = []
         for key in keys:
             batch.append(key)
-            if len(batch) >= self.delete_batch_size:
+            if len(batch) >= self.capabilities.delete_batch_size:
                 self._delete_batch(batch)
                 batch = []
         if batch:

@@ -4,11 +4,10 @@ Write modes are conditional requests, so checking and publishing are one atomic 
 ``CreateOnly`` sends ``If-None-Match: *`` and ``IfVersion(etag)`` sends ``If-Match: etag``, on PutObject and on
 CompleteMultipartUpload alike. The version is the ETag with its quotes, as S3 returns it everywhere.
 
-Objects up to one part are stored with a single PutObject; larger ones with a multipart upload whose part size
-grows with the part count (:func:`part_size_for`), so a stream of unknown length never runs out of parts, while
-the parts held in memory stay few (``IN_FLIGHT_BYTES``). An upload that is aborted, or never completed because
-the process died, is invisible; its parts cost storage until a bucket lifecycle rule
-(AbortIncompleteMultipartUpload) removes them.
+Objects up to one part are stored with a single PutObject; larger ones with a multipart upload
+(:mod:`cloudbk.storage.s3writer`). An upload that is aborted, or never completed because the process died, is
+invisible; its parts cost storage until a bucket lifecycle rule (AbortIncompleteMultipartUpload) or
+``cloudbk retention`` removes them (``capabilities.incomplete_uploads``).
 
 Listings are returned in S3 key order even from stores that page them as a directory walk (``_walk``).
 
@@ -21,7 +20,6 @@ reject them.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -35,11 +33,11 @@ from cloudbk.errors import (
     PermanentError,
     PreconditionFailed,
     TransientError,
-    UsageError,
 )
 from cloudbk.redact import redact_url
 from cloudbk.storage.base import (
     OVERWRITE,
+    Capabilities,
     CreateOnly,
     IfVersion,
     ObjectInfo,
@@ -52,34 +50,13 @@ from cloudbk.storage.base import (
     check_prefix,
 )
 from cloudbk.storage.deadline import WatchedBody
-from cloudbk.storage.parts import PartWriter
 from cloudbk.storage.s3client import READ_TIMEOUT, make_client
+from cloudbk.storage.s3writer import DEFAULT_PART_SIZE, S3Writer, etag_version
 
 if TYPE_CHECKING:
-    from cloudbk.storage.registry import StorageOptions
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-TiB = 1024 * GiB
-
-# Amazon S3 multipart upload limits, https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html
-MIN_PART_SIZE = 5 * MiB  # every part but the last
-MAX_PART_SIZE = 5 * GiB
-MAX_PARTS = 10_000  # part numbers 1 .. 10,000
-MAX_OBJECT_SIZE = 5 * TiB
+    from cloudbk.storage.base import StorageOptions
 # DeleteObjects takes at most 1,000 keys, https://docs.aws.amazon.com/AmazonS3/latest/API/API_DeleteObjects.html
 MAX_DELETE_KEYS = 1000
-
-DEFAULT_PART_SIZE = 8 * MiB
-# Part ``n`` is ``base + PART_GROWTH * (n // PARTS_PER_STEP)`` bytes: the first 128 parts (1 GiB with the
-# default base) keep the base size, then parts grow linearly, so 10,000 parts hold more than MAX_OBJECT_SIZE
-# from a 5 MiB base while the part in memory grows only like sqrt(object size): ~56 MiB at 10 GiB,
-# ~160 MiB at 100 GiB, ~0.5 GiB at 1 TiB. tests/storage/test_s3_specific.py checks the sums.
-PART_GROWTH = 16 * MiB
-PARTS_PER_STEP = 128
-# PartWriter uploads several parts at once; as parts grow, fewer of them go in flight so their memory stays
-# within this budget (but two at least, so big parts still overlap): 4 x 8 MiB or 16 MiB, 2 x 160 MiB at 100 GiB.
-IN_FLIGHT_BYTES = 32 * MiB
 
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
@@ -118,16 +95,6 @@ _TRANSIENT = frozenset(
 )
 
 
-def part_size_for(number: int, base: int = DEFAULT_PART_SIZE) -> int:
-    """Size of part ``number`` (0-based) of a stream of unknown length; see ``PART_GROWTH``."""
-    return min(MAX_PART_SIZE, base + PART_GROWTH * (number // PARTS_PER_STEP))
-
-
-def _version(etag: str) -> str:
-    """The ETag in its quoted form, whichever form the server used (the CAS token must compare equal)."""
-    return '"' + etag.strip('"') + '"'
-
-
 def _denied_hint(bucket: str) -> str:
     return (
         "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and "
@@ -138,6 +105,7 @@ def _denied_hint(bucket: str) -> str:
 
 class S3Storage(Storage):
     scheme = "s3"
+    capabilities = Capabilities(delete_batch_size=MAX_DELETE_KEYS, incomplete_uploads=True)
     #: base part size of multipart uploads; parts grow from it (``part_size_for``)
     part_size: int = DEFAULT_PART_SIZE
     #: list level by level (see ``_walk``) rather than flat; the default with a custom endpoint, because
@@ -265,7 +233,10 @@ class S3Storage(Storage):
         self._bucket_seen = True
         modified = response.get("LastModified")
         return ObjectInfo(
-            key, int(response["ContentLength"]), _version(response["ETag"]), modified.timestamp() if modified else None
+            key,
+            int(response["ContentLength"]),
+            etag_version(response["ETag"]),
+            modified.timestamp() if modified else None,
         )
 
     def _no_bucket(self, key: str) -> PermanentError:
@@ -309,10 +280,12 @@ class S3Storage(Storage):
             if getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
                 return _EmptyReader()
             raise
-        return _S3Reader(self, key, response["Body"])
+        reader = _S3Reader(self, key, response["Body"])
+        reader.size = int(response["ContentLength"]) if "ContentLength" in response else None
+        return reader
 
     def open_write(self, key: str, mode: WriteMode = OVERWRITE) -> ObjectWriter:
-        return _S3Writer(self, key, mode)
+        return S3Writer(self, key, mode)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         check_prefix(prefix)
@@ -331,14 +304,16 @@ class S3Storage(Storage):
                 )
             last = key
             modified = item.get("LastModified")
-            yield ObjectInfo(key, int(item["Size"]), _version(item["ETag"]), modified.timestamp() if modified else None)
+            yield ObjectInfo(
+                key, int(item["Size"]), etag_version(item["ETag"]), modified.timestamp() if modified else None
+            )
 
     def _pages(self, full_prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
         if delimiter:
             params["Delimiter"] = delimiter
         while True:
-            params["MaxKeys"] = self.list_page_size
+            params["MaxKeys"] = self.capabilities.list_page_size
             with self._errors("list", full_prefix[len(self._root) :]):
                 page: dict[str, Any] = self._client.list_objects_v2(**params)
             yield page
@@ -383,7 +358,7 @@ class S3Storage(Storage):
 
     def delete_many(self, keys: Iterable[str]) -> None:
         full = [self._full(key) for key in keys]  # validate every key before deleting any
-        size = max(1, min(self.delete_batch_size, MAX_DELETE_KEYS))
+        size = max(1, self.capabilities.delete_batch_size)
         for start in range(0, len(full), size):
             self._delete_batch(full[start : start + size])
 
@@ -410,7 +385,7 @@ class S3Storage(Storage):
                 data = body.read()
             finally:
                 body.close()
-        return bytes(data), _version(response["ETag"])
+        return bytes(data), etag_version(response["ETag"])
 
     def list_uploads(self, prefix: str = "") -> Iterator[UploadInfo]:
         from cloudbk.storage.s3uploads import list_uploads
@@ -466,102 +441,3 @@ class _S3Reader(ObjectReader):
             with suppress(Exception):  # closing a broken connection must not mask the real error
                 self._body.close()
         super().close()
-
-
-class _S3Writer(PartWriter):
-    """A PutObject, or a multipart upload once the data outgrows one part."""
-
-    def __init__(self, storage: S3Storage, key: str, mode: WriteMode) -> None:
-        self._storage = storage
-        self._full_key = storage._full(key)
-        self._conditions: dict[str, str] = {}
-        if isinstance(mode, CreateOnly):
-            self._conditions = {"IfNoneMatch": "*"}
-        elif isinstance(mode, IfVersion):
-            self._conditions = {"IfMatch": _version(mode.version)}
-        self._upload_id: str | None = None
-        self._etags: dict[int, str] = {}  # part number (1-based) -> ETag
-        self._lock = threading.Lock()  # parts are uploaded from several threads
-        self._max_in_flight = PartWriter.parts_in_flight
-        super().__init__(key, mode, storage.part_size, storage.retry_policy)
-
-    # PartWriter cuts the buffer into ``part_size`` pieces; growing it with the part count keeps a stream of
-    # any length within MAX_PARTS. ``_parts`` counts the parts already cut.
-    @property
-    def part_size(self) -> int:
-        return part_size_for(self._parts, self._base_part_size)
-
-    @part_size.setter
-    def part_size(self, value: int) -> None:
-        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
-            raise UsageError(f"S3 part size {value} is outside {MIN_PART_SIZE}..{MAX_PART_SIZE} bytes")
-        self._base_part_size = value
-
-    @property
-    def parts_in_flight(self) -> int:
-        if self._max_in_flight <= 1:
-            return self._max_in_flight
-        return min(self._max_in_flight, max(2, IN_FLIGHT_BYTES // self.part_size))
-
-    @parts_in_flight.setter
-    def parts_in_flight(self, value: int) -> None:
-        self._max_in_flight = value
-
-    def _put_whole(self, data: bytes) -> ObjectInfo:
-        s = self._storage
-        with s._errors("write", self.key, self.mode):
-            response = s._client.put_object(
-                Bucket=s.bucket,
-                Key=self._full_key,
-                Body=data,
-                ContentType="application/octet-stream",
-                **self._conditions,
-            )
-        return ObjectInfo(self.key, len(data), _version(response["ETag"]))
-
-    def _begin(self) -> None:
-        s = self._storage
-        with s._errors("start upload of", self.key):
-            response = s._client.create_multipart_upload(
-                Bucket=s.bucket, Key=self._full_key, ContentType="application/octet-stream"
-            )
-        self._upload_id = str(response["UploadId"])
-
-    def _upload_part(self, number: int, offset: int, data: bytes) -> None:
-        s = self._storage
-        part_number = number + 1
-        if part_number > MAX_PARTS:
-            raise PermanentError(
-                f"write {s._where(self.key)}: more than {MAX_PARTS} parts ({offset} bytes written)",
-                key=self.key,
-                hint=f"S3 objects are limited to {MAX_OBJECT_SIZE // TiB} TiB",
-            )
-        with s._errors(f"upload part {part_number} of", self.key):
-            response = s._client.upload_part(
-                Bucket=s.bucket, Key=self._full_key, UploadId=self._upload_id, PartNumber=part_number, Body=data
-            )
-        with self._lock:
-            self._etags[part_number] = str(response["ETag"])
-
-    def _finish(self, number: int, offset: int, data: bytes) -> ObjectInfo:
-        s = self._storage
-        if data or not self._etags:
-            self._upload_part(number, offset, data)
-        with self._lock:
-            parts = [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._etags.items())]
-        with s._errors("complete upload of", self.key, self.mode):
-            response = s._client.complete_multipart_upload(
-                Bucket=s.bucket,
-                Key=self._full_key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": parts},
-                **self._conditions,
-            )
-        return ObjectInfo(self.key, offset + len(data), _version(response["ETag"]))
-
-    def _cancel(self) -> None:
-        if self._upload_id is None:
-            return
-        s = self._storage
-        with suppress(Exception):  # best effort by contract; a lifecycle rule removes what is left
-            s._client.abort_multipart_upload(Bucket=s.bucket, Key=self._full_key, UploadId=self._upload_id)

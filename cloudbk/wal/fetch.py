@@ -22,20 +22,15 @@ The index is not read on the normal path: the key is deterministic and the objec
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cloudbk.errors import (
     ArchiveNotConfigured,
     CloudbkError,
-    IntegrityError,
     LocalWriteError,
     NotFound,
     UsageError,
@@ -43,25 +38,12 @@ from cloudbk.errors import (
 from cloudbk.localfs import fsync_dir
 from cloudbk.pg.walnames import parse_wal_name
 from cloudbk.repo import layout
-from cloudbk.repo.compression import READ_CHUNK, DecompressingReader
-from cloudbk.repo.envelope import Header, read_header
-from cloudbk.storage.base import ObjectReader, Storage
+from cloudbk.repo.objects import WAL, read_object
+from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk.wal.fetch")
 
-#: the ``kind`` of every WAL object's envelope header
-HEADER_KIND = "wal"
 TMP_INFIX = ".cloudbk-tmp-"
-
-
-@dataclass(frozen=True)
-class StoredWal:
-    """A WAL object that was read in full and matched the checksum and size in its header."""
-
-    header: Header
-    sha256: str
-    size: int  # uncompressed
-    stored_size: int  # bytes read from storage: envelope header + compressed payload
 
 
 @dataclass(frozen=True)
@@ -73,80 +55,6 @@ class FetchResult:
     stored_size: int
     compression: str
     seconds: float
-
-
-class _CountingReader(io.RawIOBase):
-    """Counts the bytes read from an object, so the stored size is known without another request."""
-
-    def __init__(self, inner: ObjectReader) -> None:
-        super().__init__()
-        self._inner = inner
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._inner.readinto(buffer) or 0
-        self.count += n
-        return n
-
-
-def read_verified(storage: Storage, key: str, name: str, sink: Callable[[bytes], object] | None = None) -> StoredWal:
-    """Stream the WAL object ``key`` (holding file ``name``) into ``sink``, checking it against its header.
-
-    ``NotFound`` if the object is absent. ``IntegrityError`` if it is not a cloudbk WAL object for ``name``,
-    cannot be decompressed, is longer or shorter than its header says, or its SHA-256 does not match. The sink
-    may have received bytes before an ``IntegrityError``; callers discard them.
-    """
-    with storage.open_read(key) as obj:
-        raw = _CountingReader(obj)
-        header = read_header(raw, key)
-        if header.kind != HEADER_KIND or header.name != name:
-            raise IntegrityError(
-                f"object {key} holds {header.kind} file {header.name!r}, not WAL file {name}",
-                key=key,
-                hint="the object was copied or renamed inside the repository; it is not used for recovery",
-            )
-        if header.sha256 is None or header.size is None:
-            raise IntegrityError(f"object {key} has no checksum in its header", key=key)
-        digest = hashlib.sha256()
-        size = 0
-        reader = DecompressingReader(header.compression, raw)
-        try:
-            while True:
-                chunk = reader.read(READ_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > header.size:
-                    raise IntegrityError(
-                        f"object {key} is corrupt: it decompresses to more than the {header.size} bytes its header "
-                        "records",
-                        key=key,
-                        hint="the archived copy of this WAL file is damaged; it is not used for recovery",
-                    )
-                digest.update(chunk)
-                if sink is not None:
-                    sink(chunk)
-        except IntegrityError as exc:
-            if exc.key is None:  # raised by the decompressor, which does not know the key
-                raise IntegrityError(
-                    f"object {key} is corrupt: {exc.message}",
-                    key=key,
-                    hint="the archived copy of this WAL file is damaged; it is not used for recovery",
-                ) from exc
-            raise
-        finally:
-            reader.close()
-        if size != header.size or digest.hexdigest() != header.sha256:
-            raise IntegrityError(
-                f"object {key} is corrupt: {size} bytes with sha256 {digest.hexdigest()[:16]}…, its header records "
-                f"{header.size} bytes with sha256 {header.sha256[:16]}…",
-                key=key,
-                hint="the archived copy of this WAL file is damaged or truncated; it is not used for recovery",
-            )
-        return StoredWal(header, header.sha256, header.size, raw.count)
 
 
 def _absent(storage: Storage, server: str, name: str, key: str, exc: NotFound) -> CloudbkError:
@@ -190,7 +98,7 @@ def fetch_wal(storage: Storage, server: str, name: str, dest: str) -> FetchResul
                 view = view[n:]
 
         try:
-            stored = read_verified(storage, key, name, write)
+            stored = read_object(storage, key, WAL, name, write)
         except NotFound as exc:
             raise _absent(storage, server, name, key, exc) from exc
         try:

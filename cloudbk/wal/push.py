@@ -50,11 +50,9 @@ from cloudbk.pg.walnames import (
     parse_wal_name,
 )
 from cloudbk.repo import layout
-from cloudbk.repo.compression import CompressingWriter
-from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import Index, load_index, update_index
-from cloudbk.storage.base import CREATE_ONLY, Storage
-from cloudbk.wal.fetch import HEADER_KIND, read_verified
+from cloudbk.repo.objects import WAL, create_object, read_object
+from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk.wal.push")
 
@@ -163,52 +161,30 @@ def _check_cluster(index: Index, local: LocalFile, key: str) -> None:
         )
 
 
-def _upload(storage: Storage, key: str, local: LocalFile, compression: str) -> tuple[int, int]:
-    """Stream the file into a create-only write. Returns (compressed payload size, stored object size)."""
-    name = local.wal.name
-    header = Header(kind=HEADER_KIND, name=name, compression=compression, sha256=local.sha256, size=local.size)
-    encoded = header.encode()
-    writer = storage.open_write(key, CREATE_ONLY)
+def _upload(storage: Storage, key: str, local: LocalFile, compression: str) -> int:
+    """Stream the file into a create-only write. Returns the stored object size."""
     try:
-        writer.write(encoded)
-        compressor = CompressingWriter(compression, writer)
-        try:
-            f: BinaryIO = open(local.path, "rb")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise OperationFailed(f"cannot read WAL file {local.path}: {exc.strerror}", key=local.path) from exc
-        with f:
-            while True:
-                chunk = f.read(_CHUNK)
-                if not chunk:
-                    break
-                compressor.write(chunk)
-        compressor.finish()
-        if compressor.sha256 != local.sha256 or compressor.size != local.size:
-            raise IntegrityError(
-                f"{local.path} changed while it was being archived",
-                key=local.path,
-                hint="nothing was stored; PostgreSQL will retry. A WAL file must not change once it is ready",
-            )
-        written = len(encoded) + compressor.compressed_size
-        info = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    if info.size != written:
-        raise IntegrityError(
-            f"storage reports {info.size} bytes stored for {key}, {written} were sent",
-            key=key,
-            hint="the stored object is not trusted; check the storage, then move the object aside so the push "
-            "can be retried",
+        f: BinaryIO = open(local.path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise OperationFailed(f"cannot read WAL file {local.path}: {exc.strerror}", key=local.path) from exc
+    with f:
+        sink = create_object(
+            storage, key, WAL, local.wal.name, compression, local.sha256, local.size, source=local.path
         )
-    return compressor.compressed_size, info.size
+        try:
+            while chunk := f.read(_CHUNK):
+                sink.write(chunk)
+        except BaseException:
+            sink.abort()
+            raise
+        return sink.commit().stored_size
 
 
 def _compare_existing(storage: Storage, key: str, local: LocalFile) -> int:
     """The name exists: succeed if it holds exactly our bytes, else raise. Returns the stored size."""
     name = local.wal.name
     try:
-        stored = read_verified(storage, key, name)
+        stored = read_object(storage, key, WAL, name)
     except IntegrityError as exc:
         raise IntegrityError(
             f"{name} is already archived at {key}, but the stored object is unreadable or corrupt: {exc.message}",
@@ -288,7 +264,7 @@ def push_wal(storage: Storage, server: str, path: str, compression: str) -> Push
 
     already = False
     try:
-        _, stored = _upload(storage, key, local, compression)
+        stored = _upload(storage, key, local, compression)
         log.debug("%s: stored %s (%d bytes)", local.wal.name, key, stored)
     except AlreadyExists:
         log.debug("%s: %s exists; comparing its content", local.wal.name, key)

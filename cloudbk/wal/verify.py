@@ -41,10 +41,10 @@ from cloudbk.pg.walnames import (
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import BackupSummary
+from cloudbk.repo.objects import WAL, read_object
 from cloudbk.repo.pitr import Target, on_path, plan_recovery, timeline_path
 from cloudbk.repo.ranges import Ranges, merge, runs
 from cloudbk.storage.base import Storage
-from cloudbk.wal.fetch import read_verified
 
 GAP, FOREIGN, CORRUPT, HISTORY_PROBLEM = "gap", "foreign", "corrupt", "history"
 DEEP_WORKERS = 8
@@ -264,7 +264,7 @@ def _check_object(storage: Storage, key: str, index: Index, segment_size: int) -
     first = _FirstBytes()
     chunks: list[bytes] = []  # a history file is kept whole: it is a few hundred bytes
     try:
-        stored = read_verified(storage, key, name, chunks.append if wal.kind == HISTORY else first)
+        stored = read_object(storage, key, WAL, name, chunks.append if wal.kind == HISTORY else first)
     except NotFound:
         return [Problem(GAP, f"{name} disappeared while being verified", timeline=wal.timeline, key=key)]
     except CloudbkError as exc:

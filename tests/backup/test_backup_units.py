@@ -158,6 +158,6 @@ def test_wal_wait_is_bounded_and_says_what_to_check() -> None:
             storage, "main", 1, 5, 6, 16 * 1024 * 1024, 30, diagnose=lambda: "pg_stat_archiver: failing",
             sleep=clock.sleep, clock=clock,
         )  # fmt: skip
-    assert 30 <= clock.now < 33
+    assert 29.8 <= clock.now <= 30  # the last check just before the deadline (the shared retry mechanism)
     text = str(err.value)
     assert segment_name(1, 5) in text and "archive_command" in text and "pg_stat_archiver: failing" in text

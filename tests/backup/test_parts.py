@@ -21,7 +21,8 @@ class FakeWriter(PartWriter):
 
     def __init__(self, parts_in_flight: int = 4, delay: float = 0.0, parallel: bool = True) -> None:
         self.parallel_parts = parallel
-        super().__init__("k", OVERWRITE, PART, RetryPolicy(deadline=5, initial_delay=0.001), parts_in_flight)
+        super().__init__("k", OVERWRITE, PART, parts_in_flight)
+        self.use_retry(RetryPolicy(deadline=5, initial_delay=0.001))  # as the retry layer does
         self.delay = delay
         self.stored: dict[int, tuple[int, bytes]] = {}
         self.lock = threading.Lock()

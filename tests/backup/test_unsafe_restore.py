@@ -13,14 +13,11 @@ import pytest
 from backends import Backend
 from bkhelpers import restore, scratch_dir
 from pgcluster import chown_to_pg
+from synthetic import publish_backup, store_tar
 
 from cloudbk.backup.restore import PG_CONTROL_TMP, _finish
 from cloudbk.errors import ExitCode, OperationFailed
-from cloudbk.repo import layout
-from cloudbk.repo.compression import CompressingWriter
-from cloudbk.repo.envelope import Header
-from cloudbk.repo.index import Index, update_index
-from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, format_time
+from cloudbk.repo.manifest import FileEntry, Manifest, format_time
 
 BACKUP_ID = "20261121T090000Z"
 SEG = 16 * 1024 * 1024
@@ -45,36 +42,21 @@ def _plant_backup(backend: Backend, members: list[tuple[tarfile.TarInfo, bytes]]
     with tarfile.open(fileobj=raw, mode="w") as tf:
         for info, data in members:
             tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    tar = raw.getvalue()
-    out = io.BytesIO()
-    out.write(Header(kind="tar", name="base.tar.zst", compression="zstd").encode())
-    comp = CompressingWriter("zstd", out)
-    comp.write(tar)
-    comp.finish()
     files = [
         FileEntry(info.name.lstrip("/"), len(data), hashlib.sha256(data).hexdigest())
         for info, data in members
         if info.isreg()
     ]
-    manifest = Manifest(
-        id=BACKUP_ID, server="main", system_identifier="7300000000000000001", pg_version=150004, timeline=1,
-        begin_lsn=2 * SEG + 0x28, end_lsn=2 * SEG + 0x100, begin_wal="000000010000000000000002",
-        end_wal="000000010000000000000002", begin_time=format_time(datetime.now(UTC)),
-        end_time=format_time(datetime.now(UTC)), wal_segment_size=SEG, compression="zstd",
-        tars=[TarEntry("base.tar.zst", None, len(tar), hashlib.sha256(tar).hexdigest(), len(out.getvalue()), files)],
-    )  # fmt: skip
     storage = backend.open()
     try:
-        storage.put_bytes(layout.backup_object_key("main", BACKUP_ID, "base.tar.zst"), out.getvalue())
-        storage.put_bytes(layout.backup_manifest_key("main", BACKUP_ID), manifest.to_json())
-
-        def mutate(index: Index) -> bool:
-            index.system_identifier, index.wal_segment_size = manifest.system_identifier, SEG
-            index.add_segments(1, 1, 10)
-            index.backups[BACKUP_ID] = manifest.summary()
-            return True
-
-        update_index(storage, "main", mutate)
+        manifest = Manifest(
+            id=BACKUP_ID, server="main", system_identifier="7300000000000000001", pg_version=150004, timeline=1,
+            begin_lsn=2 * SEG + 0x28, end_lsn=2 * SEG + 0x100, begin_wal="000000010000000000000002",
+            end_wal="000000010000000000000002", begin_time=format_time(datetime.now(UTC)),
+            end_time=format_time(datetime.now(UTC)), wal_segment_size=SEG, compression="zstd",
+            tars=[store_tar(storage, BACKUP_ID, raw.getvalue(), files)],
+        )  # fmt: skip
+        publish_backup(storage, manifest, 10)
     finally:
         storage.close()
 

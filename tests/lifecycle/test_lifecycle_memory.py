@@ -3,6 +3,7 @@ interrupted run leaves behind."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -72,7 +73,7 @@ def test_dry_run_lists_exactly_what_a_real_run_deletes() -> None:
 
 def test_backups_are_deleted_manifest_first_and_batched() -> None:
     storage = MemoryStorage()
-    storage.delete_batch_size = 7
+    storage.capabilities = replace(storage.capabilities, delete_batch_size=7)
     ids = five_backups(storage)
     calls_before = storage.calls.get("delete_many", 0)
     apply_retention(storage, SERVER, Policy(redundancy=1), now=T0 + timedelta(days=5))

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from backends import Backend
 
-from cloudbk.storage.s3 import DEFAULT_PART_SIZE
+from cloudbk.storage.s3writer import DEFAULT_PART_SIZE
 
 from .proc import RestartableService, ServiceProcess, find_tool, free_port
 

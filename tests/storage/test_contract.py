@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from backends import CREDENTIAL_CHECKING, NETWORK_BACKENDS, Backend, selected
@@ -114,9 +115,7 @@ def test_listing_is_sorted_paginated_and_prefix_filtered(backend: Backend, stora
     for key in keys:
         storage.put_bytes(key, key.encode())
     storage.put_bytes("elsewhere/key", b"x")
-    storage.list_page_size = 5  # more keys than one page
-    driver = getattr(storage, "inner", storage)
-    driver.list_page_size = 5
+    storage.capabilities = replace(storage.capabilities, list_page_size=5)  # more keys than one page
     listed = [info.key for info in storage.list("ls/a/")]
     assert listed == sorted(k for k in keys if k.startswith("ls/a/"))
     everything = [info.key for info in storage.list("ls/")]
@@ -129,8 +128,7 @@ def test_batch_delete_including_missing_keys(storage: Storage) -> None:
     keys = [f"del/{i:03d}" for i in range(30)]
     for key in keys:
         storage.put_bytes(key, b"x")
-    storage.delete_batch_size = 7
-    getattr(storage, "inner", storage).delete_batch_size = 7
+    storage.capabilities = replace(storage.capabilities, delete_batch_size=7)
     storage.delete_many([*keys[:20], "del/missing-1", "del/missing-2"])
     assert [i.key for i in storage.list("del/")] == keys[20:]
     storage.delete_many([])

@@ -320,7 +320,6 @@ def resumable() -> Iterator[tuple[_ResumableServer, GCSStorage]]:
     thread.start()
     storage = GCSStorage("gs://bk/p", "bk", "p", StorageOptions(environ={"STORAGE_EMULATOR_HOST": server.url}))
     storage.part_size = CHUNK_ALIGN
-    storage.retry_policy = RetryPolicy(deadline=5, initial_delay=0.01)
     yield server, storage
     storage.close()
     server.shutdown()
@@ -350,6 +349,7 @@ def test_chunk_retries_are_idempotent(
     server.faults = faults
     data = _data(SIZE)
     writer = storage.open_write("obj")
+    writer.use_retry(RetryPolicy(deadline=5, initial_delay=0.01))  # what the retry layer does
     for start in range(0, SIZE, 100_000):
         writer.write(data[start : start + 100_000])
     info = writer.commit()

@@ -7,17 +7,18 @@ import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from backends import Backend, selected
 
 from cloudbk.errors import AccessDenied, AlreadyExists, PermanentError, PreconditionFailed, TransientError
-from cloudbk.storage import s3
+from cloudbk.storage import s3, s3writer
 from cloudbk.storage.base import CREATE_ONLY, OVERWRITE, IfVersion, ObjectInfo, WriteMode
 from cloudbk.storage.registry import StorageOptions, open_driver, open_storage
 
-MiB = s3.MiB
+MiB = s3writer.MiB
 S3 = selected(("s3-moto", "s3-seaweedfs"))
 SEAWEEDFS = selected(("s3-seaweedfs",))
 MOTO = selected(("s3-moto",))
@@ -43,29 +44,29 @@ def _in_progress_uploads(backend: Backend, key: str) -> list[Any]:
 # -- part sizes (pure) ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("base", [s3.MIN_PART_SIZE, s3.DEFAULT_PART_SIZE, 64 * MiB])
+@pytest.mark.parametrize("base", [s3writer.MIN_PART_SIZE, s3writer.DEFAULT_PART_SIZE, 64 * MiB])
 def test_part_sizes_fit_the_largest_object_in_max_parts(base: int) -> None:
-    sizes = [s3.part_size_for(n, base) for n in range(s3.MAX_PARTS)]
-    assert sizes[: s3.PARTS_PER_STEP] == [base] * s3.PARTS_PER_STEP
+    sizes = [s3writer.part_size_for(n, base) for n in range(s3writer.MAX_PARTS)]
+    assert sizes[: s3writer.PARTS_PER_STEP] == [base] * s3writer.PARTS_PER_STEP
     assert all(a <= b for a, b in itertools.pairwise(sizes))
-    assert min(sizes) >= s3.MIN_PART_SIZE and max(sizes) <= s3.MAX_PART_SIZE
-    assert sum(sizes) >= s3.MAX_OBJECT_SIZE
+    assert min(sizes) >= s3writer.MIN_PART_SIZE and max(sizes) <= s3writer.MAX_PART_SIZE
+    assert sum(sizes) >= s3writer.MAX_OBJECT_SIZE
 
 
 def test_part_size_stays_small_for_realistic_objects() -> None:
     def largest_part(total: int) -> int:
         written, number = 0, 0
         while written < total:
-            size = s3.part_size_for(number)
+            size = s3writer.part_size_for(number)
             written, number = written + size, number + 1
         return size
 
-    assert largest_part(200 * MiB) == s3.DEFAULT_PART_SIZE
+    assert largest_part(200 * MiB) == s3writer.DEFAULT_PART_SIZE
     assert largest_part(100 * 1024 * MiB) <= 160 * MiB  # a 100 GiB tablespace
-    assert largest_part(s3.MAX_OBJECT_SIZE) <= 1200 * MiB
+    assert largest_part(s3writer.MAX_OBJECT_SIZE) <= 1200 * MiB
 
 
-class _RecordingWriter(s3._S3Writer):
+class _RecordingWriter(s3writer.S3Writer):
     """The S3 writer with its requests replaced by a record of the parts it cut (from the upload threads)."""
 
     def __init__(self, storage: s3.S3Storage, key: str, mode: WriteMode) -> None:
@@ -90,13 +91,13 @@ class _RecordingWriter(s3._S3Writer):
 
 
 def test_writer_cuts_growing_parts_with_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(s3, "PARTS_PER_STEP", 2)
-    monkeypatch.setattr(s3, "PART_GROWTH", 4 * MiB)
-    monkeypatch.setattr(s3, "IN_FLIGHT_BYTES", 20 * MiB)
+    monkeypatch.setattr(s3writer, "PARTS_PER_STEP", 2)
+    monkeypatch.setattr(s3writer, "PART_GROWTH", 4 * MiB)
+    monkeypatch.setattr(s3writer, "IN_FLIGHT_BYTES", 20 * MiB)
     # no request is made: the client only needs to be built
     storage = open_driver("s3://bucket/p", StorageOptions(endpoint_url="http://127.0.0.1:9", environ={}))
     assert isinstance(storage, s3.S3Storage)
-    storage.part_size = s3.MIN_PART_SIZE
+    storage.part_size = s3writer.MIN_PART_SIZE
     writer = _RecordingWriter(storage, "k", OVERWRITE)
     chunk = b"x" * MiB
     for _ in range(100):
@@ -127,7 +128,8 @@ def test_listing_order_with_names_that_sort_before_the_slash(backend: Backend) -
     expected = sorted(f"tricky/{k}" for k in TRICKY)
     strategies = [True, False] if backend.name == "s3-moto" else [True]  # SeaweedFS pages flat lists as a tree
     for by_directory, page_size in itertools.product(strategies, [1, 2, 3, 1000]):
-        storage.list_by_directory, storage.list_page_size = by_directory, page_size
+        storage.list_by_directory = by_directory
+        storage.capabilities = replace(storage.capabilities, list_page_size=page_size)
         assert [i.key for i in storage.list("tricky/")] == expected, (by_directory, page_size)
         assert [i.key for i in storage.list("tricky/a")] == [k for k in expected if k.startswith("tricky/a")]
 
@@ -147,10 +149,10 @@ def test_versions_agree_between_commit_stat_list_and_read(backend: Backend) -> N
 @pytest.mark.parametrize("backend", S3, indirect=True)
 def test_parts_uploaded_concurrently_out_of_order(backend: Backend) -> None:
     storage = _driver(backend)
-    size = s3.DEFAULT_PART_SIZE
+    size = s3writer.DEFAULT_PART_SIZE
     parts = [bytes([i]) * size for i in range(4)] + [b"tail"]
     writer = storage.open_write("par/k")
-    assert isinstance(writer, s3._S3Writer)
+    assert isinstance(writer, s3writer.S3Writer)
     writer._begin()
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: writer._upload_part(i, i * size, parts[i]), [3, 1, 2, 0]))

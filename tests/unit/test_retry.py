@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
-from cloudbk.errors import AccessDenied, NotFound, TransientError
+from cloudbk.errors import (
+    AccessDenied,
+    IntegrityError,
+    NotFound,
+    OperationFailed,
+    PreconditionFailed,
+    StorageError,
+    TransientError,
+)
 from cloudbk.storage.backoff import RetryPolicy
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.retry import RetryingStorage
@@ -87,19 +96,22 @@ def test_read_resumes_at_offset_after_mid_stream_fault() -> None:
     assert inner.calls["open_read"] == 3  # first open + two resumptions
 
 
-def test_truncated_read_is_visible_as_short_data() -> None:
+@pytest.mark.parametrize("length", [None, 9_000])
+def test_truncated_read_against_a_known_length_is_an_integrity_error(length: int | None) -> None:
     inner, storage, _ = _storage()
     inner.put_bytes("k", b"x" * 10_000)
-    inner.inject("read", after=1, truncate=True)
-    with storage.open_read("k") as reader:
-        assert len(reader.read()) < 10_000  # higher layers catch this by checksum and size
+    inner.inject("read", after=1, truncate=True)  # the stream ends early without an error
+    with pytest.raises(IntegrityError, match="short") as info, storage.open_read("k", 0, length) as reader:
+        reader.read()
+    assert info.value.key == "k"
+    assert inner.calls["open_read"] == 1  # not resumed: a silent end is not a transient fault
 
 
 def test_listing_restarts_without_duplicates() -> None:
     inner, storage, _ = _storage()
     for i in range(20):
         inner.put_bytes(f"k/{i:02d}", b"x")
-    inner.list_page_size = 3
+    inner.capabilities = replace(inner.capabilities, list_page_size=3)
     inner.inject("list", after=2, times=1)
     assert [i.key for i in storage.list("k/")] == [f"k/{i:02d}" for i in range(20)]
 
@@ -157,7 +169,7 @@ def test_one_deadline_across_restarts_of_a_listing() -> None:
     storage = RetryingStorage(inner, policy)
     for i in range(5):
         inner.put_bytes(f"k/{i}", b"x")
-    inner.list_page_size = 1
+    inner.capabilities = replace(inner.capabilities, list_page_size=1)
     inner.inject("list", after=1, times=10_000)
     with pytest.raises(TransientError):
         list(storage.list("k/"))
@@ -199,3 +211,35 @@ def test_a_zero_deadline_makes_one_attempt_with_default_timeouts() -> None:
     with pytest.raises(TransientError):
         storage.stat("k")
     assert fault is not None
+def test_lost_races_are_retried_with_the_same_backoff_until_the_deadline() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(deadline=2.0, initial_delay=0.01, max_delay=0.5, sleep=clock.sleep, clock=clock.clock)
+    attempts: list[float] = []
+
+    def lose() -> None:
+        attempts.append(clock.now)
+        raise PreconditionFailed("changed", key="idx")
+
+    def give_up(exc: PreconditionFailed, n: int, seconds: float) -> Exception:
+        return StorageError(f"{n} conflicts in {seconds:.1f}s", key=exc.key)
+
+    with pytest.raises(StorageError) as info:
+        policy.retry(lose, (PreconditionFailed,), give_up)
+    assert isinstance(info.value.__cause__, PreconditionFailed) and info.value.key == "idx"
+    assert len(attempts) > 3 and 1.8 <= clock.now <= 2.0
+    # non-matching errors pass straight through; a win returns at once
+    with pytest.raises(NotFound):
+        policy.retry(lambda: (_ for _ in ()).throw(NotFound("gone")), (PreconditionFailed,), give_up)
+    assert policy.retry(lambda: 7, (PreconditionFailed,), give_up) == 7
+
+
+def test_poll_waits_until_ready_or_the_deadline() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(deadline=10.0, sleep=clock.sleep, clock=clock.clock)
+    checks = iter([False, False, True])
+    policy.poll(lambda: next(checks), lambda n, s: AssertionError("gave up"))
+    assert 0 < clock.now < 1
+    began = clock.now
+    with pytest.raises(OperationFailed, match="not ready"):
+        policy.poll(lambda: False, lambda n, s: OperationFailed(f"not ready after {n} checks"))
+    assert 9.8 <= clock.now - began <= 10.0

@@ -31,10 +31,11 @@ from cloudbk.repo import layout
 from cloudbk.repo.compression import ALGORITHMS
 from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import load_index
+from cloudbk.repo.objects import WAL, read_object
 from cloudbk.storage.base import Storage
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.registry import StorageOptions, open_storage
-from cloudbk.wal.fetch import fetch_wal, read_verified
+from cloudbk.wal.fetch import fetch_wal
 from cloudbk.wal.push import push_wal
 
 SERVER = "main"
@@ -358,10 +359,10 @@ def test_fetch_when_storage_stays_down(url: str, storage: Storage, tmp_path: Pat
     _assert_not_created(dest)
 
 
-def test_read_verified_reports_sizes(storage: Storage, tmp_path: Path) -> None:
+def test_read_object_reports_sizes(storage: Storage, tmp_path: Path) -> None:
     src = _pushed(storage, tmp_path)
     key = layout.wal_key(SERVER, SEG3)
-    stored = read_verified(storage, key, SEG3)
+    stored = read_object(storage, key, WAL, SEG3)
     assert (stored.sha256, stored.size, stored.stored_size) == (sha(src.read_bytes()), 16 << 20, storage.stat(key).size)
 
 
