@@ -11,7 +11,7 @@ time is up. The ``requests`` adapter retries nothing: the retry layer (:mod:`clo
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cloudbk.errors import AccessDenied, UsageError
@@ -24,12 +24,21 @@ GCS_ENDPOINT = "https://storage.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 CONNECT_TIMEOUT = 10.0  # seconds to establish a connection
 READ_TIMEOUT = 60.0  # seconds without a byte from the service
+STREAM_READ = 1024 * 1024  # the most one socket read of a streamed body may bring
 POOL_SIZE = 32  # connections kept per host: parallel deletes and part-parallel callers share the session
 EMULATOR_PROJECT = "cloudbk"  # fake-gcs-server needs some project id; GOOGLE_CLOUD_PROJECT wins
 ACCESS_HINT = (
     "check the credentials (GOOGLE_APPLICATION_CREDENTIALS or application default credentials) and that the "
     "identity holds roles/storage.objectUser (or objectAdmin) on the bucket"
 )
+
+
+class _Body(WatchedBody):
+    """A watched body whose ``stream`` asks each socket read for up to ``STREAM_READ`` bytes: the SDK's
+    downloads iterate in 8 KiB steps, and every step is a watched wait (a timeout set, the watch told)."""
+
+    def stream(self, amt: int | None = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
+        return super().stream(max(amt or 0, STREAM_READ), decode_content)
 
 
 def _capped(timeout: Any) -> tuple[float, float]:
@@ -56,9 +65,13 @@ def _session_class() -> type[Any]:
             # itself would) when the caller did not ask for a stream.
             response = super().request(method, url, *args, stream=True, **kwargs)
             if not isinstance(response.raw, WatchedBody):
-                response.raw = WatchedBody(response.raw, READ_TIMEOUT)
+                response.raw = _Body(response.raw, READ_TIMEOUT)
             if not streamed:
-                response.content  # noqa: B018 - reads and keeps the body
+                try:
+                    response.content  # noqa: B018 - reads and keeps the body
+                except BaseException:
+                    response.close()  # cut short (a deadline, a reset): the connection is not reused
+                    raise
             return response
 
     return DeadlineSession

@@ -6,7 +6,8 @@ A resumable upload (``google.resumable_media.requests.ResumableUpload``) reads i
 confirmed them. A chunk is sent only once a whole chunk is in hand (GCS takes non-final chunks in multiples of
 256 KiB only), so a session that persisted part of a chunk gets the rest with the next part's bytes; the last
 part ends the stream, and the chunk short of ``chunk_size`` (or the empty one after it) completes the upload.
-Memory: the part in flight and at most one part not yet confirmed, ``2 * part_size`` (16 MiB).
+Memory: the part in flight, handed to the request as it is, and after a partly persisted chunk the rest of
+the previous part: at most ``2 * part_size`` (16 MiB), usually one part.
 
 After a request went unanswered, the next attempt first asks the session how far it got (``recover()``), and
 continues from there; a session that turns out complete is checked rather than resumed. Each upload tags the
@@ -52,29 +53,36 @@ def _b64(crc: int) -> str:
 
 
 class _Feed(io.RawIOBase):
-    """The stream a resumable upload reads: object bytes ``base .. base + len(buffer)`` not yet confirmed."""
+    """The stream a resumable upload reads: the parts handed over and not yet confirmed by the session.
+
+    Parts are kept as they came, and a chunk that is exactly one part is handed out as that very object, so
+    the bytes in flight are the part's own (no copy).
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.base = 0
-        self.buffer = bytearray()
+        self.pieces: list[tuple[int, bytes]] = []  # (offset, data), contiguous, in order
+        self.base = 0  # offset of the first byte not yet confirmed
+        self.end = 0  # offset after the last byte handed over
         self.position = 0
-
-    @property
-    def end(self) -> int:
-        return self.base + len(self.buffer)
 
     def add(self, offset: int, data: bytes, key: str) -> None:
         if offset == self.end:
-            self.buffer += data
-        elif offset + len(data) > self.end or offset < self.base:  # a retried part is in hand already
+            if data:
+                self.pieces.append((offset, data))
+                self.end += len(data)
+        elif offset < self.base or offset + len(data) > self.end:  # else a retried part, in hand already
             raise PermanentError(f"upload of {key}: part at {offset} does not follow {self.end}", key=key)
 
     def confirmed(self, upto: int) -> None:
         """The session holds the bytes before ``upto``: drop them."""
-        if upto > self.base:
-            del self.buffer[: upto - self.base]
-            self.base = upto
+        upto = min(upto, self.end)
+        while self.pieces and self.pieces[0][0] + len(self.pieces[0][1]) <= upto:
+            self.pieces.pop(0)
+        if self.pieces and self.pieces[0][0] < upto:  # the session persisted part of a chunk
+            offset, data = self.pieces[0]
+            self.pieces[0] = (upto, data[upto - offset :])
+        self.base = max(self.base, upto)
 
     def readable(self) -> bool:
         return True
@@ -92,9 +100,14 @@ class _Feed(io.RawIOBase):
         return position
 
     def read(self, size: int = -1) -> bytes:
-        start = self.position - self.base
-        stop = len(self.buffer) if size < 0 else start + size
-        chunk = bytes(self.buffer[start:stop])
+        stop = self.end if size < 0 else min(self.end, self.position + size)
+        out = []
+        for offset, data in self.pieces:
+            low, high = max(offset, self.position), min(offset + len(data), stop)
+            if low < high:
+                whole = low == offset and high == offset + len(data)
+                out.append(data if whole else data[low - offset : high - offset])
+        chunk = out[0] if len(out) == 1 else b"".join(out)
         self.position += len(chunk)
         return chunk
 
