@@ -60,6 +60,12 @@ def _session_class() -> type[Any]:
 
         def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
             kwargs["timeout"] = _capped(kwargs.get("timeout"))
+            headers = kwargs.get("headers") or {}
+            if any(name.lower() == "range" for name in headers):
+                # fake-gcs-server drops the connection after a ranged read without saying so, and a request
+                # sent on it meanwhile is reset; ask for that, so the pool never reuses it (one connection per
+                # read window, as the hand-written client had: it closed every read's response).
+                kwargs["headers"] = {**headers, "Connection": "close"}
             streamed = bool(kwargs.pop("stream", False))
             # Always streamed underneath, so the body is read through the watch; read it here (as requests
             # itself would) when the caller did not ask for a stream.
