@@ -57,7 +57,7 @@ else
   spec=(-e "$REPO[dev]")
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check "${spec[@]}" 2>&1 | grep -v '^WARNING: Location' || true
-"$VENV/bin/python" -c 'import cloudbk, boto3, azure.storage.blob, google.cloud.storage, zstandard, psycopg, moto'
+"$VENV/bin/python" -c 'import cloudbk, botocore, azure.storage.blob, google.cloud.storage, zstandard, psycopg, moto'
 
 # 3. Azurite (npm), pinned
 if [ ! -x "$TOOLS/azurite/node_modules/.bin/azurite-blob" ]; then
