@@ -180,17 +180,19 @@ def _int(value: Any, what: str) -> int:
     return number
 
 
+def _first(flag: Any, key: str, *layers: Mapping[str, Any]) -> Any:
+    """``flag`` when given, else ``key`` from the first of ``layers`` that sets it (env before file), else None."""
+    if flag is not None:
+        return flag
+    return next((layer[key] for layer in layers if key in layer), None)
+
+
 def minimum_redundancy(settings: Settings, flag: int | None) -> int:
     """How many backups retention and delete never go below."""
     from cloudbk.lifecycle.retention import DEFAULT_MINIMUM_REDUNDANCY
 
-    if flag is not None:
-        return flag
-    env, file = settings.layers("retention", RETENTION_KEYS)
-    for layer in (env, file):
-        if "minimum_redundancy" in layer:
-            return _int(layer["minimum_redundancy"], "minimum redundancy")
-    return DEFAULT_MINIMUM_REDUNDANCY
+    value = _first(flag, "minimum_redundancy", *settings.layers("retention", RETENTION_KEYS))
+    return DEFAULT_MINIMUM_REDUNDANCY if value is None else _int(value, "minimum redundancy")
 
 
 def retention_policy(
@@ -225,8 +227,7 @@ def stale_upload_age(settings: Settings, flag: str | None) -> timedelta:
     from cloudbk.lifecycle.retention import parse_window
     from cloudbk.repo.inflight import DEFAULT_STALE_UPLOAD_AGE
 
-    env, file = settings.layers("retention", RETENTION_KEYS)
-    value = flag if flag is not None else env.get("stale_upload_age", file.get("stale_upload_age"))
+    value = _first(flag, "stale_upload_age", *settings.layers("retention", RETENTION_KEYS))
     if value is None:
         return DEFAULT_STALE_UPLOAD_AGE
     try:
@@ -244,9 +245,7 @@ def check_limits(
     """(max backup age, max WAL lag, minimum redundancy) for ``check``; None where nothing was configured."""
     env, file = settings.layers("check", CHECK_KEYS)
     age: timedelta | None = None
-    hours: Any = max_backup_age
-    if hours is None:
-        hours = env.get("max_backup_age", file.get("max_backup_age"))
+    hours = _first(max_backup_age, "max_backup_age", env, file)
     if hours is not None:
         try:
             value = float(hours)
@@ -255,11 +254,10 @@ def check_limits(
         if not value > 0:
             raise UsageError("max backup age must be more than zero hours")
         age = timedelta(hours=value)
-    lag: int | None = max_wal_lag
-    if lag is None and ("max_wal_lag" in env or "max_wal_lag" in file):
-        lag = _int(env.get("max_wal_lag", file.get("max_wal_lag")), "max WAL lag")
+    raw_lag = _first(max_wal_lag, "max_wal_lag", env, file)
+    lag = None if raw_lag is None else _int(raw_lag, "max WAL lag")
     if lag is not None and lag < 0:
         raise UsageError("max WAL lag must not be negative")
-    if minimum is None and ("minimum_redundancy" in env or "minimum_redundancy" in file):
-        minimum = _int(env.get("minimum_redundancy", file.get("minimum_redundancy")), "minimum redundancy")
-    return age, lag, minimum_redundancy(settings, minimum)
+    raw_minimum = _first(minimum, "minimum_redundancy", env, file)  # [check] first, then [retention]
+    floor = None if raw_minimum is None else _int(raw_minimum, "minimum redundancy")
+    return age, lag, minimum_redundancy(settings, floor)
