@@ -8,11 +8,13 @@ in CI that is a failure, never a skip.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cloudbk.storage.base import Storage
+from cloudbk.errors import AlreadyExists
+from cloudbk.storage.base import CREATE_ONLY, Storage
 from cloudbk.storage.registry import StorageOptions, open_driver, open_storage
 
 # name -> fixture that provides it; conftest parametrizes over these
@@ -74,3 +76,34 @@ class Backend:
         if self.configure:
             self.configure(storage)
         return storage
+
+
+def race_create_only(
+    storage: Storage, key: str, content: Callable[[int], bytes], writers: int = 8
+) -> tuple[list[int], int]:
+    """``writers`` threads create ``key`` at the same moment, writer ``i`` storing ``content(i)`` create-only.
+
+    Returns (the numbers of the writers that won, how many lost with ``AlreadyExists``), once all finished; a
+    writer that failed otherwise counts in neither, so callers check the total too.
+    """
+    won: list[int] = []
+    lost: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(writers)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        try:
+            storage.put_bytes(key, content(i), CREATE_ONLY)
+            outcome = won
+        except AlreadyExists:
+            outcome = lost
+        with lock:
+            outcome.append(i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won, len(lost)

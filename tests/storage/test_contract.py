@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from backends import CREDENTIAL_CHECKING, NETWORK_BACKENDS, Backend, selected
+from backends import CREDENTIAL_CHECKING, NETWORK_BACKENDS, Backend, race_create_only, selected
 
 from cloudbk.errors import (
     AccessDenied,
@@ -153,29 +153,10 @@ def test_create_only_large_object_refuses_existing(backend: Backend, storage: St
 
 
 def test_create_only_race_has_exactly_one_winner(storage: Storage) -> None:
-    results: list[str] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(8)
-
-    def writer(i: int) -> None:
-        barrier.wait()
-        try:
-            storage.put_bytes("race/k", f"writer-{i}".encode(), CREATE_ONLY)
-            outcome = f"won-{i}"
-        except AlreadyExists:
-            outcome = "lost"
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [r for r in results if r.startswith("won")]
-    assert len(results) == 8
-    assert len(winners) == 1, results
-    assert storage.get_bytes("race/k") == f"writer-{winners[0][4:]}".encode()
+    won, lost = race_create_only(storage, "race/k", lambda i: f"writer-{i}".encode())
+    assert len(won) + lost == 8
+    assert len(won) == 1, won
+    assert storage.get_bytes("race/k") == f"writer-{won[0]}".encode()
 
 
 def test_if_version_mismatch_and_absent(storage: Storage) -> None:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import google_crc32c
 import pytest
 import requests
-from backends import Backend, selected
+from backends import Backend, race_create_only, selected
 from services.gcs import FakeGCSService
 
 from cloudbk.errors import AlreadyExists, PermanentError, PreconditionFailed, TransientError
@@ -165,23 +165,8 @@ def test_precondition_is_checked_when_the_upload_completes(driver: Storage) -> N
 @EMULATOR_DROPS_RESUMABLE_PRECONDITION
 def test_resumable_create_only_race_has_exactly_one_winner(driver: Storage) -> None:
     size = 2 * _gcs(driver).part_size + 1
-    barrier = threading.Barrier(8)
-    results: list[str] = []
-
-    def race(i: int) -> None:
-        barrier.wait()
-        try:
-            driver.put_bytes("race/big", _data(size, bytes([i])), CREATE_ONLY)
-            results.append("won")
-        except AlreadyExists:
-            results.append("lost")
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == ["lost"] * 7 + ["won"]
+    won, lost = race_create_only(driver, "race/big", lambda i: _data(size, bytes([i])))
+    assert (len(won), lost) == (1, 7)
 
 
 @pytest.mark.parametrize("backend", GCS, indirect=True)
@@ -423,22 +408,6 @@ def test_resumable_precondition_is_sent_and_enforced_at_completion(
 
 def test_resumable_create_only_race_with_gcs_semantics(resumable: tuple[_ResumableServer, GCSStorage]) -> None:
     server, storage = resumable
-    barrier = threading.Barrier(8)
-    results: list[str] = []
-
-    def race(i: int) -> None:
-        barrier.wait()
-        try:
-            storage.put_bytes("race", _data(SIZE, bytes([i])), CREATE_ONLY)
-            results.append(f"won-{i}")
-        except AlreadyExists:
-            results.append("lost")
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [r for r in results if r != "lost"]
-    assert len(results) == 8 and len(winners) == 1, results
-    assert server.objects["p/race"]["data"] == _data(SIZE, bytes([int(winners[0][4:])]))
+    won, lost = race_create_only(storage, "race", lambda i: _data(SIZE, bytes([i])))
+    assert len(won) + lost == 8 and len(won) == 1, (won, lost)
+    assert server.objects["p/race"]["data"] == _data(SIZE, bytes([won[0]]))
