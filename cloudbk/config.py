@@ -9,6 +9,7 @@
 | dbname         | --dbname           | (libpq's own PGHOST, PGPORT, ...)            | dbname          |
 | pgdata         | --pgdata           | PGDATA                                       | pgdata          |
 | retry_deadline | --retry-deadline   | CLOUDBK_RETRY_DEADLINE                       | retry_deadline  |
+| push_ahead     | --push-ahead       | CLOUDBK_PUSH_AHEAD                           | push_ahead      |
 | config file    | --config           | CLOUDBK_CONFIG                               |                 |
 
 The lifecycle commands (retention, delete, keep, check) read two tables the same way, flags > env > file:
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 DEFAULT_SERVER = "main"
 WAL_RETRY_DEADLINE = 60.0
-_SCALARS = ("repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline")
+DEFAULT_PUSH_AHEAD = 8  # files the push-ahead worker uploads at once (cloudbk.wal.ahead); 0 turns it off
+_SCALARS = ("repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline", "push_ahead")
 _ENV = {
     "repo": ("CLOUDBK_REPO",),
     "server": ("CLOUDBK_SERVER",),
@@ -55,6 +57,7 @@ _ENV = {
     "compression": ("CLOUDBK_COMPRESSION",),
     "pgdata": ("PGDATA",),
     "retry_deadline": ("CLOUDBK_RETRY_DEADLINE",),
+    "push_ahead": ("CLOUDBK_PUSH_AHEAD",),
 }
 RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
 CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy")
@@ -71,6 +74,7 @@ class Settings:
     dbname: str | None = None
     pgdata: str | None = None
     retry_deadline: float | None = None
+    push_ahead: int = DEFAULT_PUSH_AHEAD
     verbose: bool = False
     config_file: str | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -163,6 +167,10 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
             raise UsageError(f"retry deadline {values['retry_deadline']!r} is not a number of seconds") from None
         if settings.retry_deadline < 0:
             raise UsageError("retry deadline must not be negative")
+    if "push_ahead" in values:
+        settings.push_ahead = _int(values["push_ahead"], "push-ahead window (--push-ahead, CLOUDBK_PUSH_AHEAD)")
+        if settings.push_ahead < 0:
+            raise UsageError("the push-ahead window must be 0 (off) or more files")
     return settings
 
 

@@ -21,11 +21,24 @@ log = logging.getLogger("cloudbk")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="WAL_PATH", help="the WAL file to archive (%%p in archive_command)")
+    parser.add_argument(
+        "--push-ahead",
+        metavar="N",
+        help="files a background worker archives ahead of PostgreSQL's calls, at once; 0 turns it off "
+        "(default 8, env CLOUDBK_PUSH_AHEAD)",
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cloudbk.wal.ahead import ensure_worker
+    from cloudbk.wal.fastpush import wait_for_marker
     from cloudbk.wal.push import push_wal
 
+    flags = vars(args)
+    if settings.push_ahead > 0:
+        if wait_for_marker(args.path, flags, settings.environ):
+            return 0  # the worker stored and indexed it
+        ensure_worker(args.path, flags, settings)
     with terminate_on_sigterm():
         storage = open_repo(settings)
         try:

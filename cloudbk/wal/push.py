@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -250,9 +250,21 @@ def _read_history(local: LocalFile) -> list[HistoryEntry] | None:
         return None
 
 
-def push_wal(storage: Storage, server: str, path: str, compression: str) -> PushResult:
-    """Archive the WAL file at ``path``; see the module docstring. Raises on anything short of durable storage."""
-    start = time.monotonic()
+@dataclass(frozen=True)
+class Staged:
+    """A WAL file durably stored (or found identical in the archive), not yet listed in the index."""
+
+    local: LocalFile
+    key: str
+    stored_size: int
+    already_archived: bool
+    history: list[HistoryEntry] | None
+    pushed: datetime  # when its push began (see _record)
+
+
+def stage_wal(storage: Storage, server: str, path: str, compression: str, index: Index | None = None) -> Staged:
+    """Steps 1-3 of the module docstring: store ``path`` (or find it stored). ``index`` is a recent copy of the
+    server's index for the foreign-cluster check; None reads it."""
     pushed = datetime.now(UTC)
     local = inspect_file(path)
     key = layout.wal_key(server, local.wal)
@@ -260,7 +272,7 @@ def push_wal(storage: Storage, server: str, path: str, compression: str) -> Push
 
     if local.segment_header is not None:
         # Refuse a foreign cluster's segment before writing anything. (Re-checked inside the index update.)
-        _check_cluster(load_index(storage, server), local, key)
+        _check_cluster(index if index is not None else load_index(storage, server), local, key)
 
     already = False
     try:
@@ -270,21 +282,41 @@ def push_wal(storage: Storage, server: str, path: str, compression: str) -> Push
         log.debug("%s: %s exists; comparing its content", local.wal.name, key)
         stored = _compare_existing(storage, key, local)
         already = True
-
     history = _read_history(local) if local.wal.kind == HISTORY else None
+    return Staged(local, key, stored, already, history, pushed)
+
+
+def index_change(staged: Sequence[Staged]) -> Callable[[Index], bool]:
+    """One idempotent index change listing every file of ``staged`` (one compare-and-swap for a batch)."""
+    changes = [_record(s.local, s.key, s.history, s.pushed) for s in staged]
+
+    def mutate(index: Index) -> bool:
+        changed = False
+        for change in changes:
+            changed |= change(index)
+        return changed
+
+    return mutate
+
+
+def push_wal(storage: Storage, server: str, path: str, compression: str) -> PushResult:
+    """Archive the WAL file at ``path``; see the module docstring. Raises on anything short of durable storage."""
+    start = time.monotonic()
+    staged = stage_wal(storage, server, path, compression)
     try:
-        update_index(storage, server, _record(local, key, history, pushed))
+        update_index(storage, server, index_change([staged]))
     except ConflictError:
         raise
     except CloudbkError as exc:
-        raise IndexUpdateFailed(exc, local.wal.name, key) from exc
+        raise IndexUpdateFailed(exc, staged.local.wal.name, staged.key) from exc
+    local = staged.local
     return PushResult(
         name=local.wal.name,
-        key=key,
+        key=staged.key,
         size=local.size,
-        stored_size=stored,
+        stored_size=staged.stored_size,
         compression=compression,
         sha256=local.sha256,
-        already_archived=already,
+        already_archived=staged.already_archived,
         seconds=time.monotonic() - start,
     )

@@ -1,0 +1,111 @@
+"""Detached helpers of the WAL commands (the push-ahead worker; later the prefetcher), and the rules they live by.
+
+Work that must outlive one ``archive_command`` call runs in one detached process per (data directory,
+repository, server), under a lock file (SPEC §4). The rules, decided here once:
+
+- **One worker per state directory.** The worker holds an exclusive ``flock`` on ``worker.lock`` for its whole
+  life and writes its PID into it. A caller tells "running" by probing the lock, never by the PID alone (PIDs
+  are reused). A second worker started by a race finds the lock taken and exits at once.
+- **Detached.** Started with ``posix_spawn`` in a new session (no controlling terminal, not in PostgreSQL's
+  process group), stdin and stdout on ``/dev/null``, stderr into the worker's log file. The caller never waits
+  for it; when the caller exits the worker is re-parented to PID 1 (or the nearest subreaper).
+- **Never hurt the server.** When PostgreSQL's postmaster is PID 1 (the official container image without an
+  init process) it is the re-parented worker's reaper, and any exit status but 0 or 1 (a signal included) makes
+  it restart every session. Workers therefore always exit 0, and are not started at all when the postmaster is
+  PID 1 (:func:`postmaster_is_pid1`): a ``kill -9`` cannot be made to exit 0.
+
+Standard library only, and cheap to import: the per-call fast path uses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+LOCK_FILE = "worker.lock"
+LOG_FILE = "worker.log"
+LOG_KEEP_BYTES = 4 * 1024 * 1024  # a log beyond this is rotated to worker.log.1 when a worker starts
+
+
+def postmaster_pid(datadir: str) -> int | None:
+    """The postmaster's PID from ``postmaster.pid`` (first line), None when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(datadir, "postmaster.pid"), "rb") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    try:
+        return int(first.strip() or b"x")
+    except ValueError:
+        return None
+
+
+def postmaster_is_pid1(datadir: str) -> bool:
+    """Whether the server of ``datadir`` runs as PID 1 (in its PID namespace): no detached worker then."""
+    return postmaster_pid(datadir) == 1
+
+
+def lock_path(state_dir: str) -> str:
+    return os.path.join(state_dir, LOCK_FILE)
+
+
+def is_running(state_dir: str) -> bool:
+    """Whether a worker holds the lock of ``state_dir``. A brief shared-lock probe; never blocks."""
+    try:
+        fd = os.open(lock_path(state_dir), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a shared lock we may have taken
+    return False
+
+
+def worker_pid(state_dir: str) -> int | None:
+    """The PID recorded by the worker that holds (or last held) the lock of ``state_dir``."""
+    try:
+        with open(lock_path(state_dir), "rb") as f:
+            return int(f.read().strip() or b"x")
+    except (OSError, ValueError):
+        return None
+
+
+def acquire(state_dir: str, attempts: int = 50) -> int | None:
+    """Take the worker lock of ``state_dir`` and record our PID; the open descriptor, or None when another worker
+    holds it. Retries briefly, because a caller's :func:`is_running` probe holds a shared lock for microseconds."""
+    import time
+
+    fd = os.open(lock_path(state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    for _ in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    os.close(fd)
+    return None
+
+
+def spawn_detached(argv: list[str], state_dir: str, environ: dict[str, str]) -> int:
+    """Start ``argv`` detached (see the module docstring), its stderr appended to the state directory's log.
+    Returns its PID; the caller does not wait for it."""
+    log = os.path.join(state_dir, LOG_FILE)
+    try:
+        if os.path.getsize(log) > LOG_KEEP_BYTES:
+            os.replace(log, log + ".1")
+    except OSError:
+        pass
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+    ]
+    return os.posix_spawn(argv[0], argv, environ, file_actions=actions, setsid=True)
