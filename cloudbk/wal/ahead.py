@@ -154,7 +154,7 @@ class Worker:
             for _, taken in batch:
                 self.fail(taken.name, f"stored, but the index update failed: {exc}")
             return
-        log.debug("indexed %d file(s) in one update", len(batch))
+        log.info("indexed %d file(s) in one update", len(batch))
         for staged, taken in batch:
             self.vouch(staged, taken)
 

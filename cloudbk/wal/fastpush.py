@@ -103,11 +103,11 @@ def wait_for_marker(path: str, flags: Mapping[str, object], environ: Mapping[str
                 )
                 return True
             return False  # stale or foreign: removed, and this call pushes the file itself
-        if not is_running(sdir):
-            return False
         failed = marker.read_text(base + marker.FAILED)
         if failed is not None:
             sys.stderr.write(f"cloudbk wal-push: WARNING: push-ahead could not archive {name}: {failed.strip()}\n")
+            return False
+        if not is_running(sdir):
             return False
         now = time.monotonic()
         if now >= give_up:
