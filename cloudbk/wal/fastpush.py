@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
 
 from cloudbk.background import is_running
 from cloudbk.wal import marker
+
+TYPE_CHECKING = False  # typing itself costs import time on the fast path
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 # long options of wal-push and the Settings name each fills (None: accepted, not needed here)
 _VALUE_FLAGS: dict[str, str | None] = {

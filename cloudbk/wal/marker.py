@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+
+TYPE_CHECKING = False  # typing itself costs import time on the fast path
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 STATE_DIR = "cloudbk-push"
 MARKER_VERSION = "cloudbk push-ahead marker 1"

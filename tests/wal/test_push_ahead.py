@@ -11,6 +11,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -320,3 +322,31 @@ def test_pgbench_write_load_with_push_ahead_archives_everything(load_backend: Ba
         assert log.count("archived by push-ahead") >= len(segments) // 2, log[-4000:]
     finally:
         cluster.destroy()
+
+
+def test_the_hit_path_loads_the_standard_library_only() -> None:
+    archiver = Archiver.make("ahead-imports", {"CLOUDBK_REPO": f"file://{new_dir('ahead-imports-repo')}"})
+    names = archiver.add_segments(1, [1, 2])
+    archiver.call(names[0])
+    archiver.wait_for_markers(names[1:])
+    probe = (
+        "import os, sys; sys.path.append(sys.argv[1]); from cloudbk.wal.fastpush import hit; "
+        "ok = hit(['pg_wal/' + sys.argv[2]], os.environ); print(ok); print(' '.join(sorted(sys.modules)))"
+    )
+    repo_root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe, repo_root, names[1]],
+        cwd=archiver.datadir,
+        env={**os.environ, **archiver.env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    verdict, modules = proc.stdout.splitlines()
+    assert verdict == "True", proc.stderr
+    loaded = set(modules.split())
+    assert {m for m in loaded if m.startswith("cloudbk")} == {
+        "cloudbk", "cloudbk.background", "cloudbk.wal", "cloudbk.wal.fastpush", "cloudbk.wal.marker"
+    }  # fmt: skip
+    for heavy in ("site", "typing", "argparse", "json", "tomllib", "hashlib", "logging", "botocore", "zstandard"):
+        assert heavy not in loaded, heavy
