@@ -202,25 +202,26 @@ class Worker:
 # -- starting and running the worker ---------------------------------------------------------------------
 
 
-def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) -> None:
-    """Make sure a push-ahead worker runs for the data directory of WAL file ``path`` and these settings.
+def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) -> bool:
+    """Make sure a push-ahead worker runs for the data directory of WAL file ``path`` and these settings;
+    whether this call started one.
 
     Called by a synchronous ``wal-push`` before it pushes. Does nothing when push-ahead is off, when ``path``
     is not in a ``pg_wal`` directory PostgreSQL archives from, or when the postmaster is PID 1 (then it warns
     once per data directory: a worker that dies by a signal would make PostgreSQL restart every session).
     """
     if settings.push_ahead <= 0:
-        return
+        return False
     wal_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(os.path.join(wal_dir, "archive_status")):
-        return
+        return False
     ident = marker.identity(flags, settings.environ)
     sdir = marker.state_dir(wal_dir, ident)
     try:
         os.makedirs(sdir, mode=0o700, exist_ok=True)
     except OSError as exc:
         log.warning("push-ahead off: cannot create %s (%s)", sdir, exc.strerror)
-        return
+        return False
     if background.postmaster_is_pid1(os.path.dirname(wal_dir)):
         warned = os.path.join(os.path.dirname(sdir), "pid1-warned")
         if not os.path.exists(warned):
@@ -230,13 +231,14 @@ def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) ->
                 "archive faster; every file is still archived, one call at a time"
             )
             marker.write_atomically(warned, "")
-        return
+        return False
     if background.is_running(sdir):
-        return
+        return False
     argv = [sys.executable, "-P", "-c", "from cloudbk.wal.ahead import main; main()", wal_dir]
     argv += [f"--{k.replace('_', '-')}={flags[k]}" for k in WORKER_FLAGS if flags.get(k) is not None]
     pid = background.spawn_detached(argv, sdir, dict(settings.environ))
     log.debug("started push-ahead worker %d for %s", pid, sdir)
+    return True
 
 
 def _flags(words: Sequence[str]) -> dict[str, str]:
@@ -249,6 +251,17 @@ def _flags(words: Sequence[str]) -> dict[str, str]:
     return flags
 
 
+def _claim_first(wal_dir: str, sdir: str, window: int) -> None:
+    """Mark the first files busy at once: the call that started us waits for them instead of pushing one
+    itself while we import the SDK (they are taken for real by the first :meth:`Worker.take`)."""
+    ready = [
+        e.name[: -len(READY)] for e in os.scandir(os.path.join(wal_dir, "archive_status")) if e.name.endswith(READY)
+    ]
+    for name in pg_order(ready)[:window]:
+        if not os.path.exists(os.path.join(sdir, name + marker.OK)):
+            marker.write_atomically(os.path.join(sdir, name + marker.BUSY), "")
+
+
 def _serve(wal_dir: str, flags: dict[str, str]) -> None:
     from cloudbk.cli.common import open_repo
     from cloudbk.config import resolve
@@ -258,6 +271,7 @@ def _serve(wal_dir: str, flags: dict[str, str]) -> None:
     if background.acquire(sdir) is None:
         return  # another worker has it
     settings = resolve(flags)
+    _claim_first(wal_dir, sdir, max(1, settings.push_ahead))
     log.info("push-ahead worker %d started for %s (%s, server %s)", os.getpid(), wal_dir, settings.repo,
              settings.server)  # fmt: skip
     storage = open_repo(settings)
