@@ -42,6 +42,7 @@ IDLE_EXIT_SECONDS = 5.0
 BATCH_SECONDS = 1.0
 RETRY_FAILED_SECONDS = 10.0
 POLL_SECONDS = 0.02
+PRUNE_SECONDS = 1.0
 READY = ".ready"
 # the flags a worker is given: those that choose the repository (the identity) and how it is written
 WORKER_FLAGS = ("config", "repo", "server", "endpoint_url", "compression", "retry_deadline", "push_ahead")
@@ -72,6 +73,7 @@ class Worker:
         self.inflight: dict[Future[Staged], Taken] = {}
         self.staged: list[tuple[Staged, Taken]] = []
         self.failed_at: dict[str, float] = {}
+        self.vouched: set[str] = set()  # names with a marker written, while PostgreSQL still has them .ready
         self.last_batch = 0.0
 
     def _note(self, name: str, suffix: str) -> str:
@@ -93,6 +95,7 @@ class Worker:
             if ours and name not in ready and name not in busy:
                 marker.remove(entry.path)
                 self.failed_at.pop(name, None)
+        self.vouched &= ready
 
     def take(self, pool: ThreadPoolExecutor, ready: list[str]) -> bool:
         """Start pushes for the next ready files; whether any ready file still waits for the worker."""
@@ -100,7 +103,10 @@ class Worker:
         taken = {t.name for t in self.inflight.values()} | {t.name for _, t in self.staged}
         waiting = False
         for name in ready:
-            if name in taken or os.path.exists(self._note(name, marker.OK)):
+            if name in taken or name in self.vouched:
+                continue
+            if os.path.exists(self._note(name, marker.OK)):  # an earlier worker's marker, not yet used
+                self.vouched.add(name)
                 continue
             if now - self.failed_at.get(name, -RETRY_FAILED_SECONDS) < RETRY_FAILED_SECONDS:
                 continue
@@ -124,8 +130,8 @@ class Worker:
         marker.remove(self._note(name, marker.BUSY))
         self.failed_at[name] = time.monotonic()
 
-    def collect(self) -> None:
-        done, _ = wait(list(self.inflight), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+    def collect(self, timeout: float) -> None:
+        done, _ = wait(list(self.inflight), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:
             taken = self.inflight.pop(future)
             try:
@@ -174,20 +180,23 @@ class Worker:
         )
         marker.write_atomically(self._note(taken.name, marker.OK), text)
         marker.remove(self._note(taken.name, marker.BUSY))
+        self.vouched.add(taken.name)
 
     def run(self) -> None:
         try:
             self.index = load_index(self.storage, self.server)
         except CloudbkError as exc:
             log.warning("cannot read the index yet (%s); the first batch reads it again", exc)
-        idle_since = time.monotonic()
+        idle_since = last_prune = time.monotonic()
         with ThreadPoolExecutor(self.window, thread_name_prefix="push-ahead") as pool:
             while True:
                 ready = self.ready()
-                self.prune(set(ready))
+                if time.monotonic() - last_prune >= PRUNE_SECONDS:
+                    self.prune(set(ready))
+                    last_prune = time.monotonic()
                 waiting = self.take(pool, ready)
                 if self.inflight:
-                    self.collect()
+                    self.collect(self._wait_time())
                 else:
                     time.sleep(POLL_SECONDS)
                 if self.staged and (not self.inflight or time.monotonic() - self.last_batch >= BATCH_SECONDS):
@@ -197,6 +206,15 @@ class Worker:
                     idle_since = now
                 elif now - idle_since >= IDLE_EXIT_SECONDS:
                     return
+
+    def _wait_time(self) -> float:
+        """How long to wait for an upload to finish: briefly while the window has room (new .ready files), else
+        until one finishes or the next index update is due."""
+        if len(self.inflight) < self.window:
+            return POLL_SECONDS
+        if self.staged:
+            return max(POLL_SECONDS, self.last_batch + BATCH_SECONDS - time.monotonic())
+        return BATCH_SECONDS
 
 
 # -- starting and running the worker ---------------------------------------------------------------------
