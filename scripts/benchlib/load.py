@@ -3,7 +3,8 @@ with each tool in turn; the largest ``.ready`` backlog, ``failed_count`` and how
 
 One cluster serves every archiver (``pgbench -i`` once, with ``archive_command = '/bin/true'``); before each
 mode the archive_command is changed (a reload), the archiver's statistics reset; after it, whatever backlog is
-left gets ``drain`` seconds to clear, then is discarded with ``/bin/true`` so the next mode starts at zero.
+left gets ``drain`` seconds to clear, then is discarded with ``/bin/true`` so the next mode starts at zero;
+each mode starts right after a ``CHECKPOINT``, so each pays the same full-page images.
 The server's environment carries the endpoint's credentials and CA (never the command line).
 """
 
@@ -102,6 +103,8 @@ def wait_backlog(cluster: PgCluster, target: int, timeout: float) -> float | Non
 
 def load_mode(cluster: PgCluster, command: str, seconds: int, clients: int, drain: float) -> dict[str, Any]:
     set_archive_command(cluster, command)
+    # Every mode starts right after a checkpoint, so each writes the same burst of full-page images.
+    cluster.sql("checkpoint")
     cluster.sql("select pg_stat_reset_shared('archiver')")
     lsn0 = cluster.sql("select pg_current_wal_lsn()")
     status = cluster.datadir / "pg_wal" / "archive_status"

@@ -159,20 +159,24 @@ def cloudbk_hit_path(bench: Bench, marker_wait: float) -> list[float]:
     env = bench.cloudbk_env("cloudbk-hit")
     names = source.names()
     status = wal / "archive_status"
-    check(run_pg([CLOUDBK_PUSH, f"pg_wal/{names[0]}"], env, cwd=source.datadir), [CLOUDBK_PUSH, names[0]])
-    (status / f"{names[0]}.ready").rename(status / f"{names[0]}.done")
-    deadline = time.monotonic() + marker_wait
-    rest = names[1:]
-    while time.monotonic() < deadline and len(markers_for(wal, rest)) < len(rest) and _workers_alive(bench):
-        time.sleep(0.2)
-    marked = markers_for(wal, rest)
-    times = []
-    for name in rest:
-        outcome = check(run_pg([CLOUDBK_PUSH, f"pg_wal/{name}"], env, cwd=source.datadir), [CLOUDBK_PUSH, name])
-        (status / f"{name}.ready").rename(status / f"{name}.done")
-        if name in marked:
-            times.append(outcome.seconds)
-    bench.meter().stop()  # lets the worker finish (and reaps it) before the next phase
+    times: list[float] = []
+    try:
+        check(run_pg([CLOUDBK_PUSH, f"pg_wal/{names[0]}"], env, cwd=source.datadir), [CLOUDBK_PUSH, names[0]])
+        (status / f"{names[0]}.ready").rename(status / f"{names[0]}.done")
+        deadline = time.monotonic() + marker_wait
+        rest = names[1:]
+        while time.monotonic() < deadline and len(markers_for(wal, rest)) < len(rest) and _workers_alive(bench):
+            time.sleep(0.2)
+        marked = markers_for(wal, rest)
+        if not marked:
+            return []  # no push-ahead (yet): nothing to time
+        for name in rest:
+            outcome = check(run_pg([CLOUDBK_PUSH, f"pg_wal/{name}"], env, cwd=source.datadir), [CLOUDBK_PUSH, name])
+            (status / f"{name}.ready").rename(status / f"{name}.done")
+            if name in marked:
+                times.append(outcome.seconds)
+    finally:
+        bench.meter().wait_workers()  # lets the worker finish (and reaps it) before the next phase
     return times
 
 

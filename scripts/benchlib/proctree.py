@@ -88,6 +88,13 @@ def reap_orphans(keep: Iterable[int] = ()) -> None:
                 pass  # someone else (subprocess) waited for it first
 
 
+def system_cpu() -> float:
+    """Busy CPU seconds of the whole machine so far (``/proc/stat``: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -106,9 +113,11 @@ class CpuMeter:
     seconds: float = 0.0
     service_seconds: float = 0.0
     unfinished: int = 0  # workers still running when the settle time ran out (their CPU so far is counted)
+    system_seconds: float = 0.0  # the whole machine's busy CPU meanwhile: a cross-check (other load included)
     _before: dict[int, float] = field(default_factory=dict)
     _children: float = 0.0
     _service: float = 0.0
+    _system: float = 0.0
 
     def _ours(self) -> dict[int, float]:
         table = all_processes()
@@ -121,17 +130,22 @@ class CpuMeter:
         self._before = self._ours()
         self._children = _children_cpu()
         self._service = tree_cpu(self.services())
+        self._system = system_cpu()
 
-    def stop(self) -> None:
+    def wait_workers(self) -> int:
+        """Wait up to ``settle`` s for descendants started since ``start()`` to exit; how many are left."""
         deadline = time.monotonic() + self.settle
         while True:
             reap_orphans(self.services())
-            live = {p: c for p, c in self._ours().items() if p not in self._before}
+            live = [p for p in self._ours() if p not in self._before]
             if not live or time.monotonic() > deadline:
-                break
+                return len(live)
             time.sleep(0.2)
-        self.unfinished = len(live)
+
+    def stop(self) -> None:
+        self.unfinished = self.wait_workers()
         now = self._ours()
         still = sum(now[p] - self._before.get(p, 0.0) for p in now)
         self.seconds = _children_cpu() - self._children + still
         self.service_seconds = tree_cpu(self.services()) - self._service
+        self.system_seconds = system_cpu() - self._system

@@ -35,6 +35,7 @@ class Replay:
     wall: float = 0.0
     cpu: float = 0.0
     emulator_cpu: float = 0.0
+    system_cpu: float = 0.0
     unfinished_workers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -48,6 +49,7 @@ class Replay:
             **ms_summary(self.calls),
             "cpu_s_per_segment": self.cpu / n if n else 0.0,
             "emulator_cpu_s_per_segment": self.emulator_cpu / n if n else 0.0,
+            "machine_cpu_s_per_segment": self.system_cpu / n if n else 0.0,  # everything on the machine
             "unfinished_workers": self.unfinished_workers,
         }
 
@@ -64,6 +66,12 @@ def _call(replay: Replay, argv: list[str], env: Mapping[str, str], cwd: Path) ->
         time.sleep(1)
 
 
+def _account(replay: Replay, meter: CpuMeter) -> None:
+    meter.stop()
+    replay.cpu, replay.emulator_cpu, replay.system_cpu = meter.seconds, meter.service_seconds, meter.system_seconds
+    replay.unfinished_workers = meter.unfinished
+
+
 def replay_archiver(
     mode: str, source: WalSource, command: PushCommand, env: Mapping[str, str], meter: CpuMeter
 ) -> Replay:
@@ -76,8 +84,7 @@ def replay_archiver(
         _call(replay, command(f"pg_wal/{name}"), env, source.datadir)
         (status / f"{name}.ready").rename(status / f"{name}.done")
     replay.wall = time.perf_counter() - start
-    meter.stop()
-    replay.cpu, replay.emulator_cpu, replay.unfinished_workers = meter.seconds, meter.service_seconds, meter.unfinished
+    _account(replay, meter)
     return replay
 
 
@@ -95,6 +102,5 @@ def replay_recovery(
             raise SystemExit(f"{mode}: {seg.name} fetched differs from the original")
         dest.unlink()
     replay.wall = time.perf_counter() - start
-    meter.stop()
-    replay.cpu, replay.emulator_cpu, replay.unfinished_workers = meter.seconds, meter.service_seconds, meter.unfinished
+    _account(replay, meter)
     return replay
