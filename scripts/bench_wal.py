@@ -2,7 +2,7 @@
 """WAL benchmark: cloudbk's archive_command and restore_command next to pgBackRest async (and barman-cloud),
 on one S3 endpoint (SeaweedFS's S3 gateway over HTTPS on 127.0.0.1), in one run (issues 10 and 11).
 
-Phases (``--phases``, comma-separated; default ``push,hit,fetch,load``):
+Phases (``--phases``, comma-separated; default ``push,hit,fetch,restore,load``):
 
 - ``push``: PostgreSQL's archiver replayed. ``--segments`` real pgbench segments sit in a data directory's
   pg_wal with ``archive_status/NAME.ready``; one call at a time (cwd = the data directory, ``%p`` =
@@ -15,6 +15,8 @@ Phases (``--phases``, comma-separated; default ``push,hit,fetch,load``):
 - ``fetch``: PostgreSQL's recovery replayed (cwd = data directory with recovery.signal, ``%p`` =
   ``pg_wal/RECOVERYXLOG``, each file checked and deleted): cloudbk with ``CLOUDBK_PREFETCH=0`` and at its
   default, pgBackRest async archive-get, barman-cloud-wal-restore ``--parallel``.
+- ``restore``: a real PITR restore of a base backup plus ``--segments`` of WAL: seconds from ``cloudbk restore``
+  (prefetch 0 and default) and from ``pgbackrest restore`` to the server out of recovery.
 - ``load``: a real PostgreSQL 15 under ``pgbench -N`` for ``--load-seconds`` with each archive_command in turn:
   largest ``.ready`` backlog, ``failed_count``, WAL MiB/s.
 - ``calls``: the older per-backend table (``--backends``, ``--calls``): cloudbk alone on every backend.
@@ -47,12 +49,14 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-PHASES = ("push", "hit", "fetch", "load", "calls")
+PHASES = ("push", "hit", "fetch", "restore", "load", "calls")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phases", default="push,hit,fetch,load", help=f"comma-separated, from {','.join(PHASES)}")
+    parser.add_argument(
+        "--phases", default="push,hit,fetch,restore,load", help=f"comma-separated, from {','.join(PHASES)}"
+    )
     parser.add_argument("--segments", type=int, default=64, help="real 16 MiB segments replayed per tool")
     parser.add_argument("--scale", type=int, default=10, help="pgbench scale of the segment generator")
     parser.add_argument("--hit-runs", type=int, default=25, help="runs of each hit-path command (≥ 20)")

@@ -13,6 +13,7 @@ from .endpoint import start_endpoint
 from .load import load_phase
 from .peers import Barman, barman_available, write_pgbackrest_config
 from .phases import SERVER, Bench, fetch_phase, hit_phase, push_phase
+from .pitr import restore_phase
 from .proctree import reap_orphans
 from .runner import base_env, chown_tree
 from .walsource import generate
@@ -27,7 +28,11 @@ def _bench(args: argparse.Namespace, work: Path) -> Bench:
     store = work / "segments"
     store.mkdir()
     _say(f"generating {args.segments} real WAL segments with pgbench (scale {args.scale}) ...")
-    source = generate(args.segments, store, args.scale)
+    try:
+        source = generate(args.segments, store, args.scale)
+    except BaseException:
+        endpoint.stop()
+        raise
     try:
         cluster = source.cluster
         pgbackrest = write_pgbackrest_config(
@@ -78,6 +83,9 @@ def run_phases(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if "fetch" in phases:
             _say("fetch: replaying recovery ...")
             results["fetch"] = fetch_phase(bench, args.barman_parallel)
+        if "restore" in phases:
+            _say("restore: PITR restores ...")
+            results["restore"] = restore_phase(bench.endpoint, work, args.segments, args.scale)
         if "load" in phases:
             _say(f"load: pgbench for {args.load_seconds} s per archiver ...")
             results["load"] = _load(args, bench)

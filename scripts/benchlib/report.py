@@ -89,6 +89,22 @@ def load_table(load: dict[str, Any], seconds: int) -> str:
     return title + _table(header, rows)
 
 
+def restore_table(restore: dict[str, Any], segments: int) -> str:
+    peer = restore.get(PEER, {})
+    rows = [
+        [mode, _fmt(r["restore_s"], 1), _fmt(r["first_connection_s"], 1), _fmt(r["recovery_s"], 1),
+         _fmt(r["to_ready_s"], 1), _ratio(r["to_ready_s"], peer.get("to_ready_s"))]
+        for mode, r in restore.items()
+    ]  # fmt: skip
+    header = ["restore", "base restore s", "first connection s", "recovery s", "restore to ready s",
+              f"{X} {PEER}"]  # fmt: skip
+    title = (
+        f"### Restore: base backup plus {segments} segments of pgbench WAL, from the restore command to the "
+        "server out of recovery (same data checked)\n\n"
+    )
+    return title + _table(header, rows)
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     parts = [
@@ -101,6 +117,8 @@ def render(results: dict[str, Any]) -> str:
         parts.append(hit_table(results["hit"]))
     if "fetch" in results:
         parts.append(fetch_table(results["fetch"], meta["segments"]))
+    if "restore" in results:
+        parts.append(restore_table(results["restore"], meta["segments"]))
     if "load" in results:
         parts.append(load_table(results["load"], meta["load_seconds"]))
     return "\n\n".join(parts) + "\n"

@@ -51,14 +51,17 @@ def generate(count: int, store: Path, scale: int) -> WalSource:
     The cluster is left running: the caller creates pgBackRest's stanza, then calls :func:`stop`.
     """
     cluster = PgCluster.init("bench-wal", initdb_args=("--no-sync",))
-    cluster.configure({"wal_keep_size": "'8GB'", "max_wal_size": "'8GB'", "checkpoint_timeout": "'1h'"})
+    cluster.configure(
+        {"wal_keep_size": "'8GB'", "max_wal_size": "'8GB'", "checkpoint_timeout": "'1h'", "synchronous_commit": "off"}
+    )
     cluster.start()
     try:
         pgbench(cluster, "-i", "-q", "-s", str(scale))
-        cluster.sql("checkpoint")  # the TPC-B run then writes full-page images, as a real server does
         first = cluster.sql("select pg_walfile_name(pg_current_wal_lsn())")
         for _ in range(MAX_ROUNDS):
-            pgbench(cluster, "-T", "10", "-c", "2", "-j", "2")
+            # each round starts after a checkpoint, so it writes full-page images, as a busy server does
+            cluster.sql("checkpoint")
+            pgbench(cluster, "-T", "10", "-c", "4", "-j", "2")
             names = _full_segments(cluster, first)
             if len(names) >= count:
                 break
