@@ -140,6 +140,7 @@ def main() -> None:
             results.update(run_phases(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results["meta"]["loadavg_at_end"] = os.getloadavg()
     if wants_peer:
         from benchlib.report import render
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,8 +74,6 @@ def push_phase(bench: Bench) -> dict[str, Any]:
 
 
 def _progress(replay: Replay) -> None:
-    import sys
-
     d = replay.as_dict()
     print(f"  {replay.mode}: {d['segments_per_s']:.2f} segments/s, median {d['median_ms']:.0f} ms", file=sys.stderr)
 
@@ -134,21 +134,16 @@ def hit_phase(bench: Bench, runs: int, marker_wait: float) -> dict[str, Any]:
 
 
 def markers_for(wal_dir: Path, names: list[str]) -> set[str]:
-    """Segment names that have a push-ahead marker under ``pg_wal``.
+    """Segment names that have a push-ahead marker: ``pg_wal/cloudbk-push/<id>/NAME.ok`` (cloudbk.wal.marker).
 
-    WIRE ME (issue 10, push-ahead): this guesses — any file below pg_wal, outside archive_status, whose name
-    contains the segment's name and is not the segment itself. Replace it with the worker's real marker path.
+    Only ``.ok`` counts: ``.busy`` (taken, not yet vouched for) and ``.failed`` make the call wait or push itself.
     """
-    wanted, found = set(names), set[str]()
-    for path in wal_dir.rglob("*"):
-        if path.parent.name == "archive_status" or not path.is_file() or path.name in wanted:
-            continue
-        found.update(n for n in wanted if n in path.name)
-    return found
+    wanted = set(names)
+    return {p.name[: -len(".ok")] for p in wal_dir.glob("cloudbk-push/*/*.ok")} & wanted
 
 
 def cloudbk_hit_path(bench: Bench, marker_wait: float) -> list[float]:
-    """WIRE ME (issue 10): wall time of ``cloudbk-wal-push pg_wal/NAME`` calls that find their marker.
+    """Wall time of ``cloudbk-wal-push pg_wal/NAME`` calls that find their marker (issue 10's hit path).
 
     The archiver's first call (``cloudbk-wal-push`` with push-ahead at its default) starts the worker; once the
     worker has written markers (waited for up to ``marker_wait`` s, or until no worker process is left), the
@@ -181,8 +176,6 @@ def cloudbk_hit_path(bench: Bench, marker_wait: float) -> list[float]:
 
 
 def _workers_alive(bench: Bench) -> bool:
-    import os
-
     table = all_processes()
     others = subtree(table, [os.getpid()]) - subtree(table, bench.services()) - {os.getpid()}
     return any(table[p].state != "Z" for p in others)
