@@ -110,14 +110,15 @@ class Worker:
                 continue
             if now - self.failed_at.get(name, -RETRY_FAILED_SECONDS) < RETRY_FAILED_SECONDS:
                 continue
-            waiting = True
             if len(self.inflight) >= self.window:
+                waiting = True
                 break
             path = os.path.join(self.wal_dir, name)
             try:
                 file_id = marker.file_identity(os.stat(path))
             except FileNotFoundError:
-                continue  # archived and recycled meanwhile
+                continue  # archived and recycled meanwhile, or a .ready without its file: not ours to wait for
+            waiting = True
             marker.remove(self._note(name, marker.FAILED))
             marker.write_atomically(self._note(name, marker.BUSY), "")
             future = pool.submit(stage_wal, self.storage, self.server, path, self.compression, self.index)
