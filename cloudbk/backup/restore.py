@@ -344,11 +344,11 @@ def restore(
     if not options.force:
         check_complete(plan)
     base = _base_tar(manifest)
+    check_volumes(storage, server, manifest)  # every volume stored, at its size: before anything is written
     dest = os.path.abspath(options.dest)
     targets = tablespace_targets(manifest, options.tablespace_mapping)
     check_destinations(dest, targets)
     links = requested_links(base, dest, options.link_all, options.link_map)
-    check_volumes(storage, server, manifest)  # every volume stored, at its size: before anything is written
     # run as root (e.g. from a script) into a directory the server's user made: files go to that user
     owner = None
     if os.geteuid() == 0 and os.path.isdir(dest):
