@@ -36,6 +36,8 @@ def run_parallel(work: Callable[[T], R], items: Sequence[T], jobs: int, cancel: 
     """``work(item)`` for every item, ``jobs`` at a time; the results in the order of ``items``."""
 
     def guarded(item: T) -> R:
+        if cancel.is_set():  # an item not started when another failed
+            raise Cancelled("cancelled: another volume failed")
         try:
             return work(item)
         except BaseException:

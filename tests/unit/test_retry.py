@@ -211,6 +211,8 @@ def test_a_zero_deadline_makes_one_attempt_with_default_timeouts() -> None:
     with pytest.raises(TransientError):
         storage.stat("k")
     assert fault is not None
+
+
 def test_lost_races_are_retried_with_the_same_backoff_until_the_deadline() -> None:
     clock = FakeClock()
     policy = RetryPolicy(deadline=2.0, initial_delay=0.01, max_delay=0.5, sleep=clock.sleep, clock=clock.clock)
