@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from synthetic import SEG, SYSID, publish_backup
 
 from cloudbk.backup.extract import check_volumes
 from cloudbk.backup.tarextract import SafeExtractor
@@ -22,15 +24,26 @@ from cloudbk.backup.volumes import (
 from cloudbk.backup.workers import Cancelled, checked, run_parallel
 from cloudbk.config import resolve
 from cloudbk.errors import IntegrityError, UsageError
+from cloudbk.lifecycle.actions import delete_backup
+from cloudbk.lifecycle.reindex import reindex
 from cloudbk.pg.datadir import Entry
+from cloudbk.pg.walnames import segment_name
 from cloudbk.progress import NoProgress
 from cloudbk.repo import layout
-from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry
+from cloudbk.repo.catalog import load_catalog
+from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, VolumeEntry, format_time
 from cloudbk.repo.objects import TAR, open_object
 from cloudbk.storage.memory import MemoryStorage
 
 MiB = 1024 * 1024
 BID = "20261201T120000Z"
+
+
+def _manifest(volumes: list[VolumeEntry]) -> Manifest:
+    """A backup of segment 2 whose PGDATA stream is ``volumes``."""
+    end = format_time(datetime.now(UTC))
+    return Manifest(BID, "main", str(SYSID), 150004, 1, 2 * SEG + 0x28, 2 * SEG + 0x100, segment_name(1, 2),
+                    segment_name(1, 2), end, end, SEG, "zstd", tars=[TarEntry("base", None, volumes)])  # fmt: skip
 
 
 def _file(root: Path, rel: str, size: int) -> Entry:
@@ -104,11 +117,10 @@ def test_format1_manifest_reads_as_one_volume_per_stream_and_writes_back_alike()
 
 def test_check_volumes_names_a_missing_or_short_volume() -> None:
     storage = MemoryStorage()
-    job = VolumeJob(storage, "main", BID, "none", 0, Counter(NoProgress()))
+    job = VolumeJob(storage, "main", BID, "zstd", 0, Counter(NoProgress()))
     plans = plan_stream("base", [], MiB)
     volume = write_volumes(job, plans, jobs=1)[("base", 1)][0]
-    manifest = Manifest(BID, "main", "1", 150000, 1, 0, 1, "a", "b", "t", "t", 16 * MiB, "none",
-                        tars=[TarEntry("base", None, [volume])])  # fmt: skip
+    manifest = _manifest([volume])
     check_volumes(storage, "main", manifest)
     key = layout.backup_object_key("main", BID, volume.name)
     data = storage.get_bytes(key)
@@ -158,3 +170,23 @@ def test_jobs_and_volume_size_settings(tmp_path: Path) -> None:
     for bad_size in (MiB + 1, 8192):
         with pytest.raises(UsageError, match="volume size"):
             check_volume_size(bad_size)
+
+
+def test_lifecycle_sees_every_volume(tmp_path: Path) -> None:
+    """The catalog judges each volume by its stored size, reindex indexes them all, delete removes them all."""
+    storage = MemoryStorage()
+    job = VolumeJob(storage, "main", BID, "zstd", 0, Counter(NoProgress()))
+    plans = plan_stream("base", [_file(tmp_path, "big", 2 * MiB + 1), _file(tmp_path, "global/pg_control", 8192)], MiB)
+    written = write_volumes(job, plans, jobs=2)
+    volumes = [written[("base", p.number)][0] for p in plans]
+    publish_backup(storage, _manifest(volumes), 4)
+    assert [b.id for b in load_catalog(storage, "main").backups] == [BID]
+    reindex(storage, "main")
+    catalog = load_catalog(storage, "main")
+    assert catalog.index.backups[BID]["objects"] == {v.name: v.stored_size for v in volumes} and len(volumes) == 3
+    key = layout.backup_object_key("main", BID, volumes[1].name)
+    storage.delete_many([key])
+    catalog = load_catalog(storage, "main")
+    assert not catalog.backups and volumes[1].name in catalog.damaged[BID]
+    delete_backup(storage, "main", BID)
+    assert list(storage.list(layout.backup_prefix("main", BID))) == []
