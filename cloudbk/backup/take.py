@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -85,7 +85,9 @@ class BackupOptions:
     compression: str = "zstd"
     fast_checkpoint: bool = True
     wal_wait: float = DEFAULT_WAL_WAIT
-    compress_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: extra zstd worker threads per volume; 0 compresses each volume in its own pipe thread. zstd's threaded
+    #: mode buffers whole jobs (measured: 150-180 MiB peak RSS with 1 thread per volume against 69 MiB without)
+    compress_threads: int = 0
     jobs: int = DEFAULT_JOBS  # volumes written at once
     volume_size: int = DEFAULT_VOLUME_SIZE  # bytes of file content per volume
 
@@ -298,8 +300,7 @@ def take_backup(
         plans, links, total = _plan(cluster, options, source.version // 10000)
         progress.start(f"backup {backup_id}", total)
         counter = Counter(progress)
-        threads = max(0, options.compress_threads // max(1, options.jobs))
-        job = VolumeJob(storage, server, backup_id, options.compression, threads, counter)
+        job = VolumeJob(storage, server, backup_id, options.compression, options.compress_threads, counter)
         written = write_volumes(job, plans, options.jobs)
         with open(os.path.join(cluster.pgdata, PG_CONTROL), "rb") as f:
             pg_control = f.read()  # after every other file, before pg_backup_stop

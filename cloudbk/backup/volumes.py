@@ -144,7 +144,9 @@ class VolumeWriter:
         self, storage: Storage, key: str, name: str, compression: str, threads: int, on_bytes: Counter
     ) -> None:
         self.name = name
-        self.sink = create_object(storage, key, TAR, name, compression, threads=threads)
+        # a volume's parts go one after the other (its worker waits while one uploads): the jobs are the
+        # parallelism, and memory is ``jobs`` parts, whatever the database size
+        self.sink = create_object(storage, key, TAR, name, compression, threads=threads, parts_in_flight=1)
         # files are read and hashed in this thread; the tar is hashed, compressed and uploaded in another
         self.pipe = PipeSink(self.sink)
         self.tar = TarWriter(self.pipe, on_bytes)

@@ -41,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes of file content per stored volume, e.g. 128MiB (the default; env CLOUDBK_VOLUME_SIZE)",
     )
     parser.add_argument(
-        "--compress-threads", type=int, default=None, metavar="N", help="zstd worker threads (default: CPU count)"
+        "--compress-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="extra zstd threads per volume (default 0: --jobs is the parallelism; each costs memory)",
     )
 
 

@@ -56,12 +56,15 @@ class ObjectSink:
         mode: WriteMode = CREATE_ONLY,
         threads: int = 0,
         source: str | None = None,
+        parts_in_flight: int | None = None,
     ) -> None:
         self.key = key
         self.header = header
         self.source = source  # the local file the content comes from, named if it changes under us
         self._writer: ObjectWriter = storage.open_write(key, mode)
         try:
+            if parts_in_flight is not None:
+                self._writer.limit_parts(parts_in_flight)
             encoded = header.encode()
             self._writer.write(encoded)
             self._header_size = len(encoded)
@@ -253,13 +256,16 @@ def create_object(
     mode: WriteMode = CREATE_ONLY,
     threads: int = 0,
     source: str | None = None,
+    parts_in_flight: int | None = None,
 ) -> ObjectSink:
     """Start writing ``kind`` content named ``name`` to ``key`` (create-only unless ``mode`` says otherwise).
 
-    ``sha256`` and ``size`` of the plain content go into the header when they are known before the write.
+    ``sha256`` and ``size`` of the plain content go into the header when they are known before the write;
+    ``parts_in_flight`` bounds the parts a multipart upload sends at once (memory, when many objects are
+    written at a time).
     """
     header = Header(kind=kind, name=name, compression=compression, sha256=sha256, size=size)
-    return ObjectSink(storage, key, header, mode, threads, source)
+    return ObjectSink(storage, key, header, mode, threads, source, parts_in_flight)
 
 
 def read_object(
