@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -165,16 +166,23 @@ class VolumeWriter:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             log.debug("%s vanished during the backup; WAL replay recreates it if it is needed", path)
-            return
+            if piece.offset is None:
+                return
+            # a piece of a split file that was dropped meanwhile is stored as zeros, as if the file had shrunk:
+            # the stream's other volumes hold its other pieces, and they must still cover the file
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise OperationFailed(f"cannot read {path}: {exc.strerror}", key=path) from exc
         try:
             st = os.fstat(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            regular = stat.S_ISREG(st.st_mode)
+            if regular:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             # a whole file is copied at the size it has now; a piece at the size it was planned with
             size = st.st_size if piece.offset is None else piece.length
+            mode, mtime = (st.st_mode, st.st_mtime) if regular else (piece.entry.mode, piece.entry.mtime)
             try:
-                entry, short = self.tar.add_file(rel, fd, size, st.st_mode, st.st_mtime, piece.offset)
+                entry, short = self.tar.add_file(rel, fd, size, mode, mtime, piece.offset)
             except OSError as exc:
                 raise OperationFailed(f"cannot read {path}: {exc.strerror}", key=path) from exc
         finally:

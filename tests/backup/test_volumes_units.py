@@ -3,6 +3,7 @@ manifest's checks on pieces, the stored-size check before a restore, the worker 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from cloudbk.pg.walnames import segment_name
 from cloudbk.progress import NoProgress
 from cloudbk.repo import layout
 from cloudbk.repo.catalog import load_catalog
-from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, VolumeEntry, format_time
+from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, VolumeEntry, check_pieces, format_time
 from cloudbk.repo.objects import TAR, open_object
 from cloudbk.storage.memory import MemoryStorage
 
@@ -190,3 +191,16 @@ def test_lifecycle_sees_every_volume(tmp_path: Path) -> None:
     assert not catalog.backups and volumes[1].name in catalog.damaged[BID]
     delete_backup(storage, "main", BID)
     assert list(storage.list(layout.backup_prefix("main", BID))) == []
+
+
+def test_a_split_file_dropped_during_the_backup_keeps_its_pieces_as_zeros(tmp_path: Path) -> None:
+    """A relation dropped while its pieces are copied (normal during a backup): the pieces still cover it."""
+    big = _file(tmp_path, "big", 2 * MiB + 8192)
+    plans = plan_stream("base", [big], MiB)
+    os.unlink(big.path)  # after the scan, before its volumes are written
+    job = VolumeJob(MemoryStorage(), "main", BID, "zstd", 0, Counter(NoProgress()))
+    written = write_volumes(job, plans, jobs=2)
+    tar = TarEntry("base", None, [written[("base", p.number)][0] for p in plans])
+    check_pieces(tar)
+    assert [(f.offset, f.size) for f in tar.files] == [(0, MiB), (MiB, MiB), (2 * MiB, 8192)]
+    assert {f.sha256 for f in tar.files[:2]} == {hashlib.sha256(bytes(MiB)).hexdigest()}
