@@ -16,7 +16,8 @@ takes a full backup and restores it into an empty directory:
 Reported per command: MiB/s of PGDATA (the bytes of its files outside pg_wal, the same for every tool, per
 wall-clock second of the whole command), the bytes stored, the CPU seconds of every process the command
 started (detached workers included; PostgreSQL and the S3 server excluded) and the peak of the summed RSS of
-its process tree. Run as root on a machine prepared by ``scripts/install.sh``:
+its process tree. PGDATA is read once before each backup, so every tool finds it in the page cache. Run as
+root on a machine prepared by ``scripts/install.sh``:
 
     /opt/cloudbk-venv/bin/python scripts/bench_backup.py                       # the three datasets
     /opt/cloudbk-venv/bin/python scripts/bench_backup.py --datasets 10 --json out.json
@@ -69,6 +70,16 @@ def pgdata_bytes(datadir: Path) -> int:
             dirs[:] = [d for d in dirs if d != "pg_wal"]
         total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
     return total
+
+
+def warm(datadir: Path) -> None:
+    """Read every file once, so each tool reads PGDATA from the page cache alike (the first one would otherwise
+    pay for reading from disk what the next ones find cached)."""
+    for root, _dirs, files in os.walk(datadir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                while f.read(4 * MiB):
+                    pass
 
 
 def parse_dataset(spec: str) -> tuple[int, int]:
@@ -142,6 +153,7 @@ class Bench:
             pg.destroy()
 
     def run(self, pg: PgCluster, tool: Tool) -> dict[str, Any]:
+        warm(pg.datadir)
         say(f"{tool.name}: backup")
         backup = measured(tool.backup(pg), tool.env, lambda: self.services(pg))
         backup_id = tool.backup_id(backup.stdout)
