@@ -63,9 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="restore even if the plan lacks WAL segments or the target time is beyond the archived WAL",
     )
-    parser.add_argument(
-        "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
-    )
 
 
 def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = "OLD=NEW") -> dict[str, str]:
@@ -118,7 +115,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         link_all=args.link_all,
         link_map=_mapping(args.link_map, "--link-map", "NAME=PATH"),
         force=args.force,
-        parallel=max(1, args.parallel),
+        **({} if settings.jobs is None else {"jobs": settings.jobs}),
     )
     check_destinations(os.path.abspath(args.dest), {})  # fail before any storage work
     with terminate_on_sigterm():
