@@ -21,6 +21,14 @@ from cloudbk.wal.ahead import pg_order
 
 PR_SET_CHILD_SUBREAPER = 36
 HIT = "archived by push-ahead"
+#: directories made by :func:`scratch`, removed by the tests' cleanup fixture (segments are 16 MiB each)
+MADE: list[Path] = []
+
+
+def scratch(tag: str) -> Path:
+    path = new_dir(tag)
+    MADE.append(path)
+    return path
 
 
 @dataclass
@@ -45,7 +53,7 @@ class Archiver:
 
     @classmethod
     def make(cls, tag: str, env: Mapping[str, str]) -> Archiver:
-        datadir = new_dir(tag) / "data"
+        datadir = scratch(tag) / "data"
         (datadir / "pg_wal" / "archive_status").mkdir(parents=True)
         return cls(datadir, dict(env))
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aheadhelpers import Archiver, Reaper, history_bytes, history_name
+from aheadhelpers import MADE, Archiver, Reaper, history_bytes, history_name, scratch
 from backends import Backend, selected, unique_prefix
-from pgcluster import PG_BIN, PgCluster, new_dir, run_as_pg
+from pgcluster import PG_BIN, PgCluster, run_as_pg
 from walhelpers import cloudbk_env
 
 from cloudbk import background
@@ -37,7 +37,7 @@ REPLAY_BACKENDS = ("file", "s3-seaweedfs")
 
 def _backend(request: pytest.FixtureRequest, name: str) -> Backend:
     if name == "file":
-        return Backend(name, f"file://{new_dir('aheadrepo')}")
+        return Backend(name, f"file://{scratch('aheadrepo')}")
     service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
     backend: Backend = service.make(unique_prefix("ahead"))
     return backend
@@ -46,6 +46,13 @@ def _backend(request: pytest.FixtureRequest, name: str) -> Backend:
 @pytest.fixture(params=selected(REPLAY_BACKENDS))
 def replay_backend(request: pytest.FixtureRequest) -> Backend:
     return _backend(request, request.param)
+
+
+@pytest.fixture(autouse=True)
+def _remove_scratch() -> Iterator[None]:
+    yield
+    while MADE:
+        shutil.rmtree(MADE.pop(), ignore_errors=True)
 
 
 @pytest.fixture
@@ -70,6 +77,7 @@ def _assert_stored(storage: Storage, archiver: Archiver, names: list[str], out: 
     for name in names:
         fetch_wal(storage, "main", name, str(out / name))
         assert (out / name).read_bytes() == (archiver.wal_dir / name).read_bytes(), f"{name} differs"
+        (out / name).unlink()
 
 
 def _worker_exit(archiver: Archiver, reaper: Reaper) -> int:
@@ -94,7 +102,7 @@ def test_replayed_archiver_is_served_from_markers_batched_into_few_index_updates
     assert len(hits) >= len(calls) - 2, [c.stderr for c in calls if not c.hit]
     storage = replay_backend.open()
     assert _indexed(storage, names) == set(names)
-    _assert_stored(storage, archiver, names, new_dir("ahead-fetched"))
+    _assert_stored(storage, archiver, names, scratch("ahead-fetched"))
     batches = [int(n) for n in _batch_sizes(archiver.worker_log())]
     assert sum(batches) >= len(hits) and len(batches) <= len(names) // 2, archiver.worker_log()
 
@@ -108,7 +116,7 @@ def _batch_sizes(log: str) -> list[str]:
 
 
 def test_a_marker_vouches_only_for_its_repository_server_and_file(reaper: Reaper) -> None:
-    repo1, repo2 = f"file://{new_dir('ahead-r1')}", f"file://{new_dir('ahead-r2')}"
+    repo1, repo2 = f"file://{scratch('ahead-r1')}", f"file://{scratch('ahead-r2')}"
     archiver = Archiver.make("ahead-vouch", {"CLOUDBK_REPO": repo1})
     names = archiver.add_segments(1, range(1, 7))
     assert archiver.call(names[0]).returncode == 0  # it starts the worker
@@ -198,7 +206,7 @@ def test_kill_9_of_the_worker_never_reports_a_file_not_stored_and_indexed(
     assert not unvouched, f"reported archived before it was indexed: {unvouched}"
     assert reported == names, "archiving did not resume after the kills"
     assert _indexed(storage, names) == set(names)
-    _assert_stored(storage, archiver, names, new_dir("ahead-kill-fetched"))
+    _assert_stored(storage, archiver, names, scratch("ahead-kill-fetched"))
 
 
 def test_two_archivers_racing_into_one_server_lose_no_index_entry(replay_backend: Backend) -> None:
@@ -220,7 +228,7 @@ def test_two_archivers_racing_into_one_server_lose_no_index_entry(replay_backend
 
 
 def test_worker_errors_reach_the_call_and_the_worker_still_exits_0(reaper: Reaper) -> None:
-    repo = f"file://{new_dir('ahead-err')}"
+    repo = f"file://{scratch('ahead-err')}"
     archiver = Archiver.make("ahead-err", {"CLOUDBK_REPO": repo})
     ours = archiver.add_segments(1, [1, 2])
     assert archiver.archive_all()  # the repository now belongs to this system
@@ -267,7 +275,7 @@ def _closed_port() -> int:
 
 
 def test_no_worker_when_the_postmaster_is_pid_1() -> None:
-    archiver = Archiver.make("ahead-pid1", {"CLOUDBK_REPO": f"file://{new_dir('ahead-pid1-repo')}"})
+    archiver = Archiver.make("ahead-pid1", {"CLOUDBK_REPO": f"file://{scratch('ahead-pid1-repo')}"})
     (archiver.datadir / "postmaster.pid").write_text(f"1\n{archiver.datadir}\n")
     names = archiver.add_segments(1, [1, 2, 3])
     calls = archiver.archive_all()
@@ -278,7 +286,7 @@ def test_no_worker_when_the_postmaster_is_pid_1() -> None:
 
 
 def test_push_ahead_0_turns_it_off() -> None:
-    archiver = Archiver.make("ahead-off", {"CLOUDBK_REPO": f"file://{new_dir('ahead-off-repo')}"})
+    archiver = Archiver.make("ahead-off", {"CLOUDBK_REPO": f"file://{scratch('ahead-off-repo')}"})
     archiver.env["CLOUDBK_PUSH_AHEAD"] = "0"
     archiver.add_segments(1, [1, 2, 3, 4])
     calls = archiver.archive_all()
@@ -318,7 +326,7 @@ def test_pgbench_write_load_with_push_ahead_archives_everything(load_backend: Ba
         assert len(segments) >= 6, done
         storage = load_backend.open()
         assert _indexed(storage, segments) == set(segments)
-        out = new_dir("ahead-pg-fetched")
+        out = scratch("ahead-pg-fetched")
         for name in done:
             fetch_wal(storage, "main", name, str(out / name))
             assert (out / name).read_bytes() == (cluster.datadir / "pg_wal" / name).read_bytes(), name
@@ -329,7 +337,7 @@ def test_pgbench_write_load_with_push_ahead_archives_everything(load_backend: Ba
 
 
 def test_the_hit_path_loads_the_standard_library_only() -> None:
-    archiver = Archiver.make("ahead-imports", {"CLOUDBK_REPO": f"file://{new_dir('ahead-imports-repo')}"})
+    archiver = Archiver.make("ahead-imports", {"CLOUDBK_REPO": f"file://{scratch('ahead-imports-repo')}"})
     names = archiver.add_segments(1, [1, 2])
     archiver.call(names[0])
     archiver.wait_for_markers(names[1:])
