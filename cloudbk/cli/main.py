@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "keep": "keep",
     "check": "check",
     "wal-verify": "wal_verify",
+    "verify": "verify",
 }
 
 log = logging.getLogger("cloudbk")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
 
 from backends import Backend
-from pgcluster import BIN_DIR, PgCluster, cloudbk, new_dir
+from pgcluster import BIN_DIR, PG_USER, PgCluster, cloudbk, new_dir
 
 from cloudbk.repo.index import Index, load_index
+from cloudbk.storage.base import CREATE_ONLY, OVERWRITE, Storage
 
 
 def repo_env(backend: Backend) -> dict[str, str]:
@@ -110,3 +113,14 @@ def index_of(backend: Backend) -> Index:
 
 def phases(pg: PgCluster) -> list[str]:
     return pg.sql("SELECT string_agg(phase, ',' ORDER BY phase) FROM t").split(",")
+
+
+def replace_object(backend: Backend, storage: Storage, key: str, data: bytes | None, create: bool = False) -> None:
+    """Store ``data`` at ``key`` (None: delete it), as the PostgreSQL user would own it on the file backend."""
+    if data is None:
+        storage.delete_many([key])
+        return
+    storage.put_bytes(key, data, CREATE_ONLY if create else OVERWRITE)
+    if backend.name == "file":
+        pw = pwd.getpwnam(PG_USER)
+        os.chown(backend.url.removeprefix("file://") + "/" + key, pw.pw_uid, pw.pw_gid)
