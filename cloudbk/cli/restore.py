@@ -9,16 +9,24 @@ with missing WAL is refused unless ``--force``. After the restore, ``pg_ctl -D D
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING, Any
 
 from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
-from cloudbk.errors import UsageError
+from cloudbk.errors import CloudbkError, UsageError
 from cloudbk.redact import strip_userinfo
+
+if TYPE_CHECKING:
+    from cloudbk.backup.restore import RestoreOptions
+    from cloudbk.repo.manifest import Manifest
+    from cloudbk.repo.pitr import RecoveryPlan
+    from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk")
 
@@ -61,8 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="restore even if the plan lacks WAL segments or the target time is beyond the archived WAL",
+        help="restore even if the plan lacks WAL segments, the target time is beyond the archived WAL, or the free "
+        "space looks too small",
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="make every check restore makes before writing (plan, missing WAL, volumes, destinations, free space), "
+        "print the result and write nothing; exit nonzero exactly when restore would refuse",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan and checks as JSON")
 
 
 def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = "OLD=NEW") -> dict[str, str]:
@@ -122,6 +137,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         storage = open_repo(settings, LONG_RETRY_DEADLINE)
         try:
             _index, plan, manifest = prepare(storage, settings.server, options)
+            if args.dry_run:
+                return _dry_run(storage, settings.server, plan, manifest, options, args.json)
             print(format_plan(plan, manifest.stored_size, options), flush=True)
             if options.force:
                 _warn_beyond_reach(plan)
@@ -144,6 +161,70 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "(or run restore as the server's OS user)", result.dest)  # fmt: skip
     print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
     return 0
+
+
+def _dry_run(storage: Storage, server: str, plan: RecoveryPlan, manifest: Manifest, options: RestoreOptions,
+             as_json: bool) -> int:  # fmt: skip
+    """``restore --dry-run``: the checks of :func:`cloudbk.backup.restore.preflight`, printed; the refusal
+    (if any) is raised after the report, so the exit code is the one ``restore`` would give."""
+    from cloudbk.backup.restore import preflight
+
+    refused: CloudbkError | None = None
+    space: list[dict[str, Any]] = []
+    try:
+        checked = preflight(storage, server, plan, manifest, options)
+        space = [need.to_dict() for need in checked.space]
+    except CloudbkError as exc:
+        refused = exc
+    if as_json:
+        print(json.dumps(plan_doc(plan, manifest, options, space, refused), indent=1))
+    else:
+        print(format_plan(plan, manifest.stored_size, options))
+        for need in space:
+            print(f"  space       {', '.join(need['paths'])}: needs about {human_size(need['needed'])}, "
+                  f"{human_size(need['free'])} free")  # fmt: skip
+        print("dry run: restore would refuse (below); nothing was written" if refused else
+              f"dry run: restore would write backup {manifest.id} into {os.path.abspath(options.dest)}; "
+              "nothing was written")  # fmt: skip
+    if refused is not None:
+        raise refused
+    if options.force:
+        _warn_beyond_reach(plan)
+    return 0
+
+
+def plan_doc(plan: RecoveryPlan, manifest: Manifest, options: RestoreOptions, space: list[dict[str, Any]],
+             refused: CloudbkError | None) -> dict[str, Any]:  # fmt: skip
+    """The recovery plan and the checks as JSON (``restore --dry-run --json``, and ``drill``'s report)."""
+    from cloudbk.pg.walnames import format_lsn, segment_name
+
+    b = plan.backup
+    return {
+        "backup": b.id,
+        "backup_begin_lsn": format_lsn(b.begin_lsn),
+        "backup_end_lsn": format_lsn(b.end_lsn),
+        "backup_end_time": b.end_time,
+        "target": plan.target.describe(),
+        "target_action": options.target_action if plan.target.kind != "end" else None,
+        "timelines": [s.timeline for s in plan.path],
+        "wal": [
+            {
+                "timeline": s.timeline,
+                "first": segment_name(s.timeline, s.first, plan.segment_size),
+                "last": segment_name(s.timeline, s.last, plan.segment_size),
+                "segments": s.count,
+            }
+            for s in plan.stretches
+        ],
+        "backup_bytes": manifest.stored_size,
+        "wal_bytes": plan.wal_bytes,
+        "complete": plan.complete,
+        "missing": plan.describe_missing(),
+        "space": space,
+        "dest": os.path.abspath(options.dest),
+        "would_restore": refused is None,
+        "refused": None if refused is None else str(refused),
+    }
 
 
 def _warn_beyond_reach(plan: object) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from backends import Backend
 from pgcluster import BIN_DIR, PG_USER, PgCluster, cloudbk, new_dir
 
-from cloudbk.repo.index import Index, load_index
+from cloudbk.repo.index import Index, load_index, update_index
 from cloudbk.storage.base import CREATE_ONLY, OVERWRITE, Storage
 
 
@@ -124,3 +124,17 @@ def replace_object(backend: Backend, storage: Storage, key: str, data: bytes | N
     if backend.name == "file":
         pw = pwd.getpwnam(PG_USER)
         os.chown(backend.url.removeprefix("file://") + "/" + key, pw.pw_uid, pw.pw_gid)
+
+
+def forget_segment(backend: Backend, segno: int) -> None:
+    """Drop segment ``segno`` of timeline 1 from the index (as if its index update had been lost)."""
+
+    def mutate(index: Index) -> bool:
+        index.remove_segments(1, segno, segno)
+        return True
+
+    storage = backend.open()
+    try:
+        update_index(storage, "main", mutate)
+    finally:
+        storage.close()
