@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "check": "check",
     "wal-verify": "wal_verify",
     "verify": "verify",
+    "drill": "drill",
 }
 
 log = logging.getLogger("cloudbk")

@@ -25,7 +25,7 @@ from cloudbk.redact import strip_userinfo
 if TYPE_CHECKING:
     from cloudbk.backup.restore import RestoreOptions
     from cloudbk.repo.manifest import Manifest
-    from cloudbk.repo.pitr import RecoveryPlan
+    from cloudbk.repo.pitr import RecoveryPlan, Target
     from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk")
@@ -38,14 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backup", metavar="ID|latest", help="the backup to restore (default: the newest that reaches the target)"
     )
-    targets = parser.add_argument_group("recovery target (default: replay all archived WAL)")
-    targets.add_argument(
-        "--target-time", metavar="TIMESTAMP", help="e.g. '2026-11-21 09:30:00+00' (no offset: local time)"
-    )
-    targets.add_argument("--target-lsn", metavar="LSN", help="e.g. 0/3000060")
-    targets.add_argument("--target-xid", metavar="XID", help="stop after this transaction commits")
-    targets.add_argument("--target-name", metavar="NAME", help="a restore point made by pg_create_restore_point()")
-    targets.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    targets = add_targets(parser)
     targets.add_argument(
         "--target-action", choices=("promote", "pause", "shutdown"), default="promote",
         help="what the server does at the target (default promote)",
@@ -80,6 +73,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan and checks as JSON")
 
 
+def add_targets(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The recovery target flags ``restore`` and ``drill`` share (parsed by ``repo.pitr.Target.parse``)."""
+    targets = parser.add_argument_group("recovery target (default: replay all archived WAL)")
+    targets.add_argument(
+        "--target-time", metavar="TIMESTAMP", help="e.g. '2026-11-21 09:30:00+00' (no offset: local time)"
+    )
+    targets.add_argument("--target-lsn", metavar="LSN", help="e.g. 0/3000060")
+    targets.add_argument("--target-xid", metavar="XID", help="stop after this transaction commits")
+    targets.add_argument("--target-name", metavar="NAME", help="a restore point made by pg_create_restore_point()")
+    targets.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    return targets
+
+
+def parse_target(args: argparse.Namespace) -> Target:
+    from cloudbk.repo.pitr import Target
+
+    return Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
+
+
+def check_backup_arg(backup: str | None) -> None:
+    if backup is not None and backup != "latest":
+        from cloudbk.repo.layout import check_backup_id
+
+        check_backup_id(backup)
+
+
 def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = "OLD=NEW") -> dict[str, str]:
     mapping: dict[str, str] = {}
     for value in values:
@@ -106,19 +125,16 @@ def restore_command(settings: Settings, repo: str) -> str:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.backup.restore import RestoreOptions, check_destinations, prepare, restore
-    from cloudbk.repo.pitr import Target, check_complete
+    from cloudbk.repo.pitr import check_complete
 
     repo = settings.require_repo()
-    target = Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
+    target = parse_target(args)
     timeline = None
     if args.target_timeline != "latest":
         if not args.target_timeline.isdigit() or int(args.target_timeline) < 1:
             raise UsageError(f"--target-timeline {args.target_timeline!r} is not 'latest' or a timeline number")
         timeline = int(args.target_timeline)
-    if args.backup is not None and args.backup != "latest":
-        from cloudbk.repo.layout import check_backup_id
-
-        check_backup_id(args.backup)
+    check_backup_arg(args.backup)
     options = RestoreOptions(
         dest=args.dest,
         restore_command=restore_command(settings, repo),

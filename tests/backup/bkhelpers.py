@@ -29,9 +29,11 @@ class Clusters:
     def __init__(self) -> None:
         self.all: list[PgCluster] = []
 
-    def archiving(self, backend: Backend, tag: str = "src", archive_command: str | None = None) -> PgCluster:
+    def archiving(
+        self, backend: Backend, tag: str = "src", archive_command: str | None = None, initdb_args: tuple[str, ...] = ()
+    ) -> PgCluster:
         env = repo_env(backend)
-        pg = PgCluster.init(tag, env=env)
+        pg = PgCluster.init(tag, env=env, initdb_args=initdb_args)
         self.all.append(pg)
         pg.enable_archiving(archive_command or f"{BIN_DIR / 'cloudbk-wal-push'} %p")
         pg.configure({"checkpoint_timeout": "'30min'", "max_wal_size": "'1GB'"})
