@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -182,3 +183,57 @@ def _cmdline(proc_dir: Path) -> str:
         return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("source", selected(("file",)), indirect=True)
+def test_drill_stops_and_cleans_up_on_sigterm(source: Source) -> None:
+    workdir = new_dir("drill-term")
+    env = {**os.environ, **repo_env(source.backend)}
+    proc = subprocess.Popen([str(BIN_DIR / "cloudbk"), "drill", "--workdir", str(workdir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not list(workdir.glob("*/server.log")):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)  # the server is starting: it must be stopped, the scratch removed
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM and "terminated by SIGTERM" in err, err
+    assert os.listdir(workdir) == []
+    assert not [p for p in Path("/proc").glob("[0-9]*") if str(workdir) in _cmdline(p)], "a server is left running"
+
+
+def test_drill_of_a_subscriber_leaves_the_publisher_alone(file_backend: Backend, clusters: Clusters) -> None:
+    publisher = PgCluster.init("pub")
+    clusters.all.append(publisher)
+    publisher.configure({"wal_level": "logical"})
+    publisher.start()
+    publisher.sql("CREATE TABLE items (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE items")
+    publisher.sql("INSERT INTO items SELECT generate_series(1, 10)")
+
+    subscriber = clusters.archiving(file_backend, tag="sub")
+    subscriber.configure({"shared_preload_libraries": "'pg_stat_statements'"})
+    subscriber.stop()
+    subscriber.start()
+    subscriber.sql("CREATE TABLE items (id int PRIMARY KEY)")
+    subscriber.sql(f"CREATE SUBSCRIPTION sub CONNECTION '{publisher.conninfo}' PUBLICATION pub")
+    subscriber.wait_for("SELECT count(*) FROM items", "10")
+    take_backup(subscriber, file_backend)
+    archive_all(subscriber)
+    subscriber.stop()  # the slot is free: a drill's apply worker could take it
+    slot = "SELECT slot_name, active, confirmed_flush_lsn FROM pg_replication_slots"
+    publisher.wait_for("SELECT bool_or(active) FROM pg_replication_slots", "f")
+    before = publisher.sql(slot)
+    publisher.sql("INSERT INTO items SELECT generate_series(11, 20)")  # what a connected subscriber would consume
+
+    queries = ["SHOW shared_preload_libraries", "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE "
+               "'logical replication%'", "SELECT count(*) FROM items"]  # fmt: skip
+    code, doc = _drill(file_backend, *[arg for q in queries for arg in ("--check-sql", q)])
+    assert code == 0 and doc["ok"], json.dumps(doc, indent=1)
+    results = {c["name"]: c["result"] for c in doc["checks"]}
+    assert [results[q] for q in queries] == [[[""]], [["0"]], [["10"]]], results
+    assert publisher.sql(slot) == before, "the drill touched the publisher's slot"
+    assert publisher.sql("SELECT count(*) FROM pg_stat_replication") == "0"
