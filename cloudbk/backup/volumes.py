@@ -149,7 +149,7 @@ class VolumeWriter:
         # parallelism, and memory is ``jobs`` parts, whatever the database size
         self.sink = create_object(storage, key, TAR, name, compression, threads=threads, parts_in_flight=1)
         # files are read and hashed in this thread; the tar is hashed, compressed and uploaded in another
-        self.pipe = PipeSink(self.sink)
+        self.pipe = PipeSink(self.sink, depth=4)  # 4 MiB between the threads, per volume in flight
         self.tar = TarWriter(self.pipe, on_bytes)
         self.files: list[FileEntry] = []
         self.shrunk = 0

@@ -33,7 +33,7 @@ from cloudbk.progress import NoProgress
 from cloudbk.repo import layout
 from cloudbk.repo.catalog import load_catalog
 from cloudbk.repo.manifest import FileEntry, Manifest, TarEntry, VolumeEntry, check_pieces, format_time
-from cloudbk.repo.objects import TAR, open_object
+from cloudbk.repo.objects import TAR, create_object, open_object
 from cloudbk.storage.memory import MemoryStorage
 
 MiB = 1024 * 1024
@@ -204,3 +204,23 @@ def test_a_split_file_dropped_during_the_backup_keeps_its_pieces_as_zeros(tmp_pa
     check_pieces(tar)
     assert [(f.offset, f.size) for f in tar.files] == [(0, MiB), (MiB, MiB), (2 * MiB, 8192)]
     assert {f.sha256 for f in tar.files[:2]} == {hashlib.sha256(bytes(MiB)).hexdigest()}
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_restore_hashes_a_volume_once(compression: str) -> None:
+    """With ``trust_codec`` (restore, which checks every file's SHA-256) a self-checking payload is only
+    counted, not hashed again; without compression it is still hashed."""
+    storage = MemoryStorage()
+    sink = create_object(storage, "k/v", TAR, "v", compression)
+    sink.write(b"x" * 1000)
+    stored = sink.commit()
+    wrong = "0" * 64
+    with open_object(storage, "k/v", TAR, "v", stored.size, wrong, trust_codec=True) as source:
+        if compression == "none":
+            with pytest.raises(IntegrityError, match="corrupt"):
+                source.finish()
+        else:
+            assert source.finish().size == 1000
+    source = open_object(storage, "k/v", TAR, "v", stored.size + 1, stored.sha256, trust_codec=True)
+    with source, pytest.raises(IntegrityError, match="1000 bytes"):
+        source.finish()
