@@ -213,8 +213,14 @@ def verify_backup(
     segments = wal_keys(server, manifest) if wal else []
     tasks += [_wal_task(storage, key, index, manifest.wal_segment_size) for key in segments]
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="cloudbk-verify") as pool:
-        for found in pool.map(lambda task: task(), tasks):
-            result.problems += found
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            for future in futures:
+                result.problems += future.result()
+        except BaseException:  # a storage failure, Ctrl-C: the objects not started are not read
+            for future in futures:
+                future.cancel()
+            raise
     result.volumes = len(readers)
     result.bytes = sum(r.bytes for r in readers)
     result.wal_segments = len(segments)
