@@ -85,7 +85,8 @@ def format_report(doc: dict[str, Any]) -> str:
     if doc["reached_lsn"] is not None:
         lines.append(f"  reached  LSN {doc['reached_lsn']}, last transaction {doc['reached_time'] or '(none replayed)'}"
                      f", now on timeline {doc['timeline']}")  # fmt: skip
-    lines.append(f"  fetched  {human_size(doc['backup_bytes'])} of backup, {doc['wal_segments_fetched']} WAL segments")
+    lines.append(f"  fetched  {human_size(doc['backup_bytes'])} of backup, {doc['wal_segments_fetched']} WAL segments "
+                 f"({human_size(doc['wal_bytes_fetched'])})")  # fmt: skip
     for c in doc["checks"]:
         status = "OK" if c["ok"] else "FAILED"
         detail = c.get("error") if not c["ok"] else c.get("result")

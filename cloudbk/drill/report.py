@@ -93,8 +93,8 @@ class DrillReport:
     total_seconds: float = 0.0
     backup_bytes: int = 0  # stored bytes of the backup's volumes, downloaded
     restored_bytes: int = 0  # bytes of files written
-    wal_segments_fetched: int = 0
-    wal_bytes_fetched: int = 0
+    wal_segments_fetched: int = 0  # from the server log's "restored log file" lines
+    wal_bytes_fetched: int = 0  # their plain size (segments x segment size)
     reached_lsn: str | None = None
     reached_time: str | None = None  # the last replayed transaction's commit time
     timeline: int | None = None

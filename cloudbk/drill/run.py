@@ -89,6 +89,7 @@ class Drill:
         self.report = DrillReport(server=server, target=options.target.describe())
         self.scratch: str | None = None
         self.pg: DrillServer | None = None
+        self.segment_size = 0
 
     def run(self) -> DrillReport:
         try:
@@ -117,6 +118,7 @@ class Drill:
             )  # fmt: skip
             _index, plan, manifest = prepare(self.storage, self.server, restore_options)
             report.backup_id, report.backup_bytes = manifest.id, manifest.stored_size
+            self.segment_size = manifest.wal_segment_size
             report.pg_bin = find_binaries(manifest.pg_version // 10000, options.pg_bin)
             self.scratch = report.scratch = _make_scratch(options.workdir, user)
             restore_options.dest = os.path.join(self.scratch, "data")
@@ -221,6 +223,7 @@ class Drill:
                 self.pg.stop()
                 segments = set(_RESTORED.findall(self._log()))
                 report.wal_segments_fetched = len(segments)
+                report.wal_bytes_fetched = len(segments) * self.segment_size
             if self.scratch is not None:
                 report.workers_stopped = stop_workers(os.path.join(self.scratch, "data"))
                 if self.options.keep:

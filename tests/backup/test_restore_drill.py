@@ -124,7 +124,8 @@ def test_drill_to_a_time_before_the_mistake(source: Source) -> None:
     counted = next(c for c in doc["checks"] if c["name"] == COUNT_ORDERS)
     assert counted["result"] == [[str(100 + 10 * SEGMENTS)]], counted
     assert {c["name"] for c in doc["checks"]} >= {"connect", "databases", "amcheck postgres"}
-    assert doc["wal_segments_fetched"] >= SEGMENTS and doc["port"] != source.pg.port
+    assert doc["wal_segments_fetched"] >= SEGMENTS and doc["wal_bytes_fetched"] == doc["wal_segments_fetched"] * 1024**2
+    assert doc["port"] != source.pg.port
 
     phases = {p["name"]: p for p in doc["phases"]}
     in_turn = ["plan", "backup download + extract", "start-up", "checks", "stop + clean up"]

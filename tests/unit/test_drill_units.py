@@ -13,7 +13,7 @@ import pytest
 
 from cloudbk.backup.space import SpaceNeed, check_space
 from cloudbk.drill.server import find_binaries, stop_workers
-from cloudbk.drill.settings import command_line, safety_settings
+from cloudbk.drill.settings import command_line, ensure_postgresql_conf, safety_settings, write_auth_files
 from cloudbk.errors import OperationFailed
 from cloudbk.repo import layout
 
@@ -81,3 +81,12 @@ def test_check_space_names_the_directory() -> None:
         OperationFailed, match=r"not enough free space for the restore at /a, /b: it needs about 2\.0 MiB"
     ):
         check_space([SpaceNeed("/a", 2 * 1024**2, 1024, ["/a", "/b"])])
+
+
+def test_config_files(tmp_path: Path) -> None:
+    assert ensure_postgresql_conf(str(tmp_path), None)  # the backup had none (Debian): one is written
+    assert not ensure_postgresql_conf(str(tmp_path), None)  # never replaced
+    write_auth_files(str(tmp_path), None)
+    hba = (tmp_path / "pg_hba.conf").read_text().splitlines()
+    assert "local all all trust" in hba and "host all all 0.0.0.0/0 reject" in hba
+    assert not [line for line in hba if line.startswith("host") and "reject" not in line]
