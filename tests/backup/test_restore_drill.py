@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from backends import Backend, selected, unique_prefix
-from bkhelpers import Clusters, archive_all, repo_env, take_backup
+from bkhelpers import Clusters, archive_all, repo_env, scratch_dir, take_backup
 from pgcluster import BIN_DIR, PgCluster, cloudbk, new_dir, pg_command
 from services.proxy import TcpProxy, loopback_ports, redirect_env
 
@@ -56,9 +56,9 @@ def source(request: pytest.FixtureRequest) -> Iterator[Source]:
     else:
         home, backend = None, request.getfixturevalue(f"{S3.replace('-', '_')}_service").make(unique_prefix("drill"))
     registry = Clusters()
+    tablespace = new_dir("drill-ts")
     try:
         pg = registry.archiving(backend, initdb_args=("--wal-segsize=1",))
-        tablespace = new_dir("drill-ts")
         pg.sql(f"CREATE TABLESPACE ts LOCATION '{tablespace}'")
         pg.sql("CREATE TABLE orders (id int, note text) TABLESPACE ts")
         pg.sql("INSERT INTO orders SELECT g, 'before the backup' FROM generate_series(1, 100) g")
@@ -75,7 +75,7 @@ def source(request: pytest.FixtureRequest) -> Iterator[Source]:
         yield Source(backend, pg, backup_id, noted, tablespace)
     finally:
         registry.destroy_all()
-        for path in (home, locals().get("tablespace")):
+        for path in (home, tablespace):
             if path is not None:
                 subprocess.run(["rm", "-rf", str(path)], check=False)
 
@@ -107,14 +107,15 @@ def _drill_line(source: Source) -> str:
 
 def _production_state(pg: PgCluster, tablespace: Path) -> tuple[object, ...]:
     pid = (pg.datadir / "postmaster.pid").read_text()
+    configs = [(pg.datadir / name).read_text() for name in ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf")]
     sockets = sorted(os.listdir(pg.socket_dir))
     files = sorted(str(p.relative_to(tablespace)) for p in tablespace.rglob("*"))
-    return pid, sockets, files
+    return pid, configs, sockets, files
 
 
 def test_drill_to_a_time_before_the_mistake(source: Source) -> None:
     assert _drill_line(source).startswith("last successful drill: FAILED (never")
-    workdir = new_dir("drill-work")
+    workdir = scratch_dir("drill-work")
     wal_before = _wal_keys(source.backend)
     before = _production_state(source.pg, source.tablespace)
     code, doc = _drill(source.backend, "--target-time", source.noted, "--check-sql", COUNT_ORDERS, "--workdir",
@@ -154,7 +155,7 @@ def test_drill_fails_cleanly_when_storage_goes_during_replay(source: Source) -> 
     proxy = TcpProxy(port)
     proxy.start()
     proxied = dataclasses.replace(source.backend, env=redirect_env(source.backend.env, port, proxy.port))
-    workdir = new_dir("drill-cut")
+    workdir = scratch_dir("drill-cut")
     env = {**os.environ, **repo_env(proxied), "CLOUDBK_RETRY_DEADLINE": "3"}
     argv = pg_command([str(BIN_DIR / "cloudbk"), "drill", "--json", "--workdir", str(workdir)])
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -188,7 +189,7 @@ def _cmdline(proc_dir: Path) -> str:
 
 @pytest.mark.parametrize("source", selected(("file",)), indirect=True)
 def test_drill_stops_and_cleans_up_on_sigterm(source: Source) -> None:
-    workdir = new_dir("drill-term")
+    workdir = scratch_dir("drill-term")
     env = {**os.environ, **repo_env(source.backend)}
     proc = subprocess.Popen([str(BIN_DIR / "cloudbk"), "drill", "--workdir", str(workdir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -232,8 +233,13 @@ def test_drill_of_a_subscriber_leaves_the_publisher_alone(file_backend: Backend,
 
     queries = ["SHOW shared_preload_libraries", "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE "
                "'logical replication%'", "SELECT count(*) FROM items"]  # fmt: skip
-    code, doc = _drill(file_backend, *[arg for q in queries for arg in ("--check-sql", q)])
+    workdir = scratch_dir("drill-keep")
+    checks = [arg for q in queries for arg in ("--check-sql", q)]
+    code, doc = _drill(file_backend, *checks, "--workdir", str(workdir), "--keep")
     assert code == 0 and doc["ok"], json.dumps(doc, indent=1)
+    kept = Path(doc["scratch"])  # --keep: the scratch stays, its server stopped
+    assert doc["kept"] and kept.parent == workdir and (kept / "data" / "PG_VERSION").exists()
+    assert not (kept / "data" / "postmaster.pid").exists()
     results = {c["name"]: c["result"] for c in doc["checks"]}
     assert [results[q] for q in queries] == [[[""]], [["0"]], [["10"]]], results
     assert publisher.sql(slot) == before, "the drill touched the publisher's slot"
