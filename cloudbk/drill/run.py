@@ -16,6 +16,7 @@ Step 4's clean-up also runs on any error, Ctrl-C (``KeyboardInterrupt``) and SIG
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -140,6 +141,8 @@ class Drill:
     def _start(self, datadir: str, manifest: Manifest, user: OsUser) -> float:
         assert self.scratch is not None and self.report.pg_bin is not None
         settings.ensure_postgresql_conf(datadir, user.owner)
+        with contextlib.suppress(FileNotFoundError):  # a backup of a standby: the drill recovers and promotes
+            os.unlink(os.path.join(datadir, "standby.signal"))
         settings.write_auth_files(self.scratch, user.owner)
         self.report.port = _free_port()
         chosen = settings.safety_settings(datadir, self.scratch, self.report.port, os.path.join(self.scratch, "socket"),
