@@ -1,10 +1,10 @@
 """``cloudbk verify`` on every backend a PostgreSQL server can archive to (issue 14).
 
-One cluster per backend, one backup in 1 MiB volumes. Healthy, it verifies (exit 0) and leaves a proof that
-backup-list shows. Then the backup is damaged five ways, each undone before the next: a byte flipped inside a
-volume, a volume cut short, a volume deleted, a manifest whose checksum of one file disagrees with the tar, a WAL
-segment of the backup's range deleted. Each makes verify exit 4 with a line naming the object; ``--all`` also
-reads the whole WAL archive.
+One cluster per backend, one backup in 1 MiB volumes. Healthy, ``verify --all`` reads every volume and every WAL
+object (exit 0) and leaves a proof that backup-list shows. Then the backup is damaged five ways at once, each to
+another object: a byte flipped inside a volume, a volume cut short, a volume deleted, a manifest whose checksum of
+one file disagrees with the tar, a WAL segment of the backup's range deleted. Verify exits 4 with exactly one
+line per problem, each naming its object, and the proofs record the failed verify after the successful one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pgcluster import cloudbk
 from cloudbk.errors import ExitCode
 from cloudbk.repo import layout
 from cloudbk.repo.manifest import Manifest
+from cloudbk.repo.proofs import VERIFY, load_proofs
 from cloudbk.storage.base import Storage
 
 
@@ -27,43 +28,29 @@ def _verify(backend: Backend, *args: str) -> tuple[int, str]:
     return proc.returncode, proc.stdout
 
 
-def _expect_problem(backend: Backend, backup_id: str, key: str, word: str) -> None:
-    code, out = _verify(backend, backup_id)
-    assert code == ExitCode.OTHER, out
-    lines = [line for line in out.splitlines() if line.startswith("PROBLEM ")]
-    assert any(line.startswith(f"PROBLEM {key}: ") and word in line for line in lines), out
-    assert out.rstrip().endswith("verify: FAILED"), out
-
-
-def _damage_and_repair(backend: Backend, storage: Storage, manifest: Manifest) -> None:
-    _, volume = max(manifest.volumes, key=lambda item: item[1].stored_size)
-    key = layout.backup_object_key("main", manifest.id, volume.name)
-    data = storage.get_bytes(key)
-    flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0x40
-    for damaged, word, create in ((bytes(flipped), "unreadable", False), (data[:-100], "truncated", False),
-                                  (None, "missing", True)):  # fmt: skip
-        replace_object(backend, storage, key, damaged)
-        _expect_problem(backend, manifest.id, key, word)
-        replace_object(backend, storage, key, data, create=create)
+def _damage(backend: Backend, storage: Storage, manifest: Manifest) -> dict[str, str]:
+    """Five kinds of damage at once, each to another object; returns key -> a word its problem line holds."""
+    volumes = sorted(manifest.volumes, key=lambda item: -item[1].stored_size)
+    keys = [layout.backup_object_key("main", manifest.id, v.name) for _, v in volumes[:3]]
+    flipped = bytearray(storage.get_bytes(keys[0]))
+    flipped[len(flipped) // 2] ^= 0x40
+    replace_object(backend, storage, keys[0], bytes(flipped))
+    replace_object(backend, storage, keys[1], storage.get_bytes(keys[1])[:-100])
+    replace_object(backend, storage, keys[2], None)
 
     # the manifest's checksum of one file disagrees with the bytes in the tar (same length: the index agrees)
     mkey = layout.backup_manifest_key("main", manifest.id)
     original = storage.get_bytes(mkey)
-    row = next(f for f in volume.files if f.size > 0)
+    unique = ((v, f) for _, v in volumes[3:] for f in v.files if f.size and original.count(f.sha256.encode()) == 1)
+    volume, row = next(unique)  # a checksum found once: a file only this cluster has (not a template's copy)
+    keys.append(layout.backup_object_key("main", manifest.id, volume.name))
     wrong = "0" * 64 if row.sha256 != "0" * 64 else "1" * 64
-    assert original.count(row.sha256.encode()) >= 1
     replace_object(backend, storage, mkey, original.replace(row.sha256.encode(), wrong.encode(), 1))
-    _expect_problem(backend, manifest.id, key, row.path)
-    replace_object(backend, storage, mkey, original)
 
     wal_key = layout.wal_key("main", manifest.begin_wal)
-    segment = storage.get_bytes(wal_key)
     replace_object(backend, storage, wal_key, None)
-    _expect_problem(backend, manifest.id, wal_key, "not in the archive")
-    code, out = _verify(backend, "--all")
-    assert code == ExitCode.OTHER and f"PROBLEM {wal_key}: " in out, out
-    replace_object(backend, storage, wal_key, segment, create=True)
+    return {keys[0]: "unreadable", keys[1]: "truncated", keys[2]: "missing", keys[3]: row.path,
+            wal_key: "not in the archive"}  # fmt: skip
 
 
 def test_verify_finds_each_damage(pg_backend: Backend, clusters: Clusters) -> None:
@@ -80,15 +67,27 @@ def test_verify_finds_each_damage(pg_backend: Backend, clusters: Clusters) -> No
     assert [b["backup"] for b in doc["backups"]] == [backup_id] and doc["backups"][0]["volumes_read"] >= 3, doc
     listed = json.loads(cloudbk("backup-list", "--json", env=repo_env(pg_backend)).stdout)
     assert listed[0]["verify"]["last_ok"] is True and listed[0]["drill"] is None, listed
+    shown = json.loads(cloudbk("backup-show", backup_id, "--json", env=repo_env(pg_backend)).stdout)
+    assert shown["verify"]["last_success"] == shown["verify"]["last"], shown["verify"]
 
     storage = pg_backend.open()
     try:
         key = layout.backup_manifest_key("main", backup_id)
         manifest = Manifest.from_json(storage.get_bytes(key), key)
-        assert len(manifest.volumes) >= 3
-        _damage_and_repair(pg_backend, storage, manifest)
+        assert len(manifest.volumes) >= 4
+        damaged = _damage(pg_backend, storage, manifest)
     finally:
         storage.close()
+    code, out = _verify(pg_backend, backup_id)
+    assert code == ExitCode.OTHER and out.rstrip().endswith("verify: FAILED"), out
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM ")]
+    for key, word in damaged.items():  # one line per problem, naming the object
+        assert [p for p in problems if p.startswith(f"PROBLEM {key}: ") and word in p], (key, word, out)
+    assert len(problems) == len(damaged), out
 
-    shown = json.loads(cloudbk("backup-show", backup_id, "--json", env=repo_env(pg_backend)).stdout)
-    assert shown["verify"]["last_ok"] is False and shown["verify"]["last_success"] is not None, shown["verify"]
+    storage = pg_backend.open()
+    try:  # backup-show refuses a damaged backup; the proofs say what happened
+        state = load_proofs(storage, "main")[(VERIFY, backup_id)]
+    finally:
+        storage.close()
+    assert state.last is not None and not state.last.ok and state.last_ok is not None
