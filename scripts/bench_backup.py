@@ -228,9 +228,9 @@ def main() -> None:
         endpoint.stop()  # by the PID we started
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(bench.results, indent=1))
-    print(table(bench.results))
+        if args.json:  # what was measured, even when a later dataset failed
+            Path(args.json).write_text(json.dumps(bench.results, indent=1))
+        print(table(bench.results))
 
 
 if __name__ == "__main__":
