@@ -24,6 +24,8 @@ The lifecycle commands (retention, delete, keep, check) read two tables the same
 | stale upload age   | --stale-upload-age AGE | CLOUDBK_RETENTION_STALE_UPLOAD_AGE   | [retention] stale_upload_age   |
 | max backup age     | --max-backup-age HOURS | CLOUDBK_CHECK_MAX_BACKUP_AGE         | [check] max_backup_age         |
 | max WAL lag        | --max-wal-lag SEGMENTS | CLOUDBK_CHECK_MAX_WAL_LAG            | [check] max_wal_lag            |
+| max drill age      | --max-drill-age HOURS  | CLOUDBK_CHECK_MAX_DRILL_AGE          | [check] max_drill_age          |
+| max verify age     | --max-verify-age HOURS | CLOUDBK_CHECK_MAX_VERIFY_AGE         | [check] max_verify_age         |
 
 A policy given on the command line replaces the configured one entirely (``--redundancy 3`` wins over a
 ``recovery_window`` in the file); giving both policies at the same level is a usage error. Those tables are
@@ -68,7 +70,7 @@ _ENV = {
 }
 _SIZE_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
-CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy")
+CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy", "max_drill_age", "max_verify_age")
 _SECTION_ENV_PREFIX = {"retention": "CLOUDBK_RETENTION_", "check": "CLOUDBK_CHECK_"}
 _NOT_POLICY = ("minimum_redundancy", "stale_upload_age")  # [retention] settings that are not the policy
 
@@ -280,16 +282,7 @@ def check_limits(
 ) -> tuple[timedelta | None, int | None, int]:
     """(max backup age, max WAL lag, minimum redundancy) for ``check``; None where nothing was configured."""
     env, file = settings.layers("check", CHECK_KEYS)
-    age: timedelta | None = None
-    hours = _first(max_backup_age, "max_backup_age", env, file)
-    if hours is not None:
-        try:
-            value = float(hours)
-        except (TypeError, ValueError):
-            raise UsageError(f"max backup age {hours!r} is not a number of hours") from None
-        if not value > 0:
-            raise UsageError("max backup age must be more than zero hours")
-        age = timedelta(hours=value)
+    age = _hours(_first(max_backup_age, "max_backup_age", env, file), "max backup age")
     raw_lag = _first(max_wal_lag, "max_wal_lag", env, file)
     lag = None if raw_lag is None else _int(raw_lag, "max WAL lag")
     if lag is not None and lag < 0:
@@ -297,3 +290,27 @@ def check_limits(
     raw_minimum = _first(minimum, "minimum_redundancy", env, file)  # [check] first, then [retention]
     floor = None if raw_minimum is None else _int(raw_minimum, "minimum redundancy")
     return age, lag, minimum_redundancy(settings, floor)
+
+
+def _hours(hours: Any, what: str) -> timedelta | None:
+    if hours is None:
+        return None
+    try:
+        value = float(hours)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} {hours!r} is not a number of hours") from None
+    if not value > 0:
+        raise UsageError(f"{what} must be more than zero hours")
+    return timedelta(hours=value)
+
+
+def proof_ages(
+    settings: Settings, max_drill_age: float | None, max_verify_age: float | None
+) -> tuple[timedelta | None, timedelta | None]:
+    """(max drill age, max verify age) for ``check``: how old the last successful drill and verify may be;
+    None where nothing was configured (the default: those checks then only report)."""
+    env, file = settings.layers("check", CHECK_KEYS)
+    return (
+        _hours(_first(max_drill_age, "max_drill_age", env, file), "max drill age"),
+        _hours(_first(max_verify_age, "max_verify_age", env, file), "max verify age"),
+    )

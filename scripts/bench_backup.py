@@ -109,7 +109,14 @@ class Bench:
     def cluster(self, tag: str, scale: int, random_mib: int) -> tuple[PgCluster, list[Tool]]:
         env = {**self.endpoint.env(), "CLOUDBK_REPO": f"s3://{self.endpoint.bucket}/cloudbk", "CLOUDBK_SERVER": tag}
         pg = PgCluster.init(f"bench-{tag}", env=env)
-        pg.configure({"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'", "shared_buffers": "'256MB'"})
+        try:
+            return pg, self._prepare(pg, tag, scale, random_mib)
+        except BaseException:
+            pg.destroy()  # by its postmaster.pid, the server this run started
+            raise
+
+    def _prepare(self, pg: PgCluster, tag: str, scale: int, random_mib: int) -> list[Tool]:
+        pg.configure({"max_wal_size": "'1GB'", "checkpoint_timeout": "'30min'", "shared_buffers": "'256MB'"})
         pg.start()
         load(pg, scale, random_mib)
         pgbackrest = write_pgbackrest_config(
@@ -132,7 +139,7 @@ class Bench:
             "pgBackRest": lambda: pgbackrest_tool(self.endpoint, pgbackrest),
             "barman-cloud": lambda: barman_tool(self.endpoint, tag),
         }
-        return pg, [makers[t]() for t in self.tools]
+        return [makers[t]() for t in self.tools]
 
     def services(self, pg: PgCluster) -> list[int]:
         try:
@@ -221,9 +228,9 @@ def main() -> None:
         endpoint.stop()  # by the PID we started
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(bench.results, indent=1))
-    print(table(bench.results))
+        if args.json:  # what was measured, even when a later dataset failed
+            Path(args.json).write_text(json.dumps(bench.results, indent=1))
+        print(table(bench.results))
 
 
 if __name__ == "__main__":

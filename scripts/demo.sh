@@ -3,6 +3,7 @@
 #
 #   archive WAL -> take a base backup -> write more -> note the time -> make a "mistake" (delete rows)
 #   -> lose the data directory -> restore to the noted time -> start the server -> the rows are back
+#   -> and a `cloudbk drill` of the backup proves, on a scratch copy, that it restores to that time
 #
 # Every command is printed before it runs, so the output doubles as a walk-through of the workflow.
 # Run it as root (PostgreSQL and cloudbk then run as the `postgres` user) or as any non-root user.
@@ -140,6 +141,12 @@ if [ "$COUNT" != "10500" ]; then
 fi
 note "all 10500 orders are back; the server now writes a new timeline ($(value "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")), which it archives as well"
 
-step "9. Done"
-note "the restored server is an ordinary primary again; take a fresh backup of it with cloudbk backup-push."
-note "commands used: cloudbk-wal-push (archive_command), cloudbk backup-push, backup-list, restore, cloudbk-wal-fetch (restore_command)"
+step "9. Prove the backup restores: a drill on a scratch copy, beside the running server"
+note "cloudbk drill restores the backup into a scratch directory, starts it on a private socket and a free"
+note "port with archiving off, replays to the target, runs the checks, stops it and removes the scratch:"
+run cloudbk drill --backup "$BACKUP_ID" --target-time "$NOTED" --check-sql "SELECT count(*) FROM orders" \
+  --workdir "$WORK"
+note "the drill left a proof in the repository: backup-list shows when each backup was last verified and drilled"
+run cloudbk backup-list
+note "commands used: cloudbk-wal-push (archive_command), cloudbk backup-push, backup-list, restore, cloudbk-wal-fetch"
+note "(restore_command), drill. Schedule the drill weekly: see the README."

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from cloudbk.backup.extract import PG_CONTROL_TMP, Extraction, check_volumes
 from cloudbk.backup.links import requested_links
+from cloudbk.backup.space import SpaceNeed, check_space, space_needed
 from cloudbk.backup.volumes import DEFAULT_JOBS
 from cloudbk.errors import CloudbkError, IntegrityError, OperationFailed, UsageError
 from cloudbk.pg.datadir import PG_CONTROL, TABLESPACE_MAP
@@ -331,6 +332,36 @@ def _make_dirs(dest: str, paths: list[str], owner: tuple[int, int] | None) -> No
             ) from exc
 
 
+@dataclass
+class Preflight:
+    """What :func:`preflight` found: where everything goes, and the space it needs."""
+
+    dest: str
+    targets: dict[int, str]
+    links: dict[str, str]
+    space: list[SpaceNeed]
+
+
+def preflight(
+    storage: Storage, server: str, plan: RecoveryPlan, manifest: Manifest, options: RestoreOptions
+) -> Preflight:
+    """Every check ``restore`` makes before it writes a byte (``restore --dry-run`` stops here): the WAL the
+    plan needs, a startable manifest, every volume stored at its size, empty writable destinations, the links
+    asked for, and the free space (:mod:`cloudbk.backup.space`). Raises what ``restore`` would refuse with."""
+    if not options.force:
+        check_complete(plan)
+    base = _base_tar(manifest)
+    check_volumes(storage, server, manifest)  # every volume stored, at its size: before anything is written
+    dest = os.path.abspath(options.dest)
+    targets = tablespace_targets(manifest, options.tablespace_mapping)
+    check_destinations(dest, targets)
+    links = requested_links(base, dest, options.link_all, options.link_map)
+    space = space_needed(manifest, plan, dest, targets)
+    if not options.force:
+        check_space(space)
+    return Preflight(dest, targets, links, space)
+
+
 def restore(
     storage: Storage,
     server: str,
@@ -341,14 +372,8 @@ def restore(
 ) -> RestoreResult:
     """Extract ``manifest``'s backup into ``options.dest`` and configure the recovery ``plan``."""
     progress = progress or NoProgress()
-    if not options.force:
-        check_complete(plan)
-    base = _base_tar(manifest)
-    check_volumes(storage, server, manifest)  # every volume stored, at its size: before anything is written
-    dest = os.path.abspath(options.dest)
-    targets = tablespace_targets(manifest, options.tablespace_mapping)
-    check_destinations(dest, targets)
-    links = requested_links(base, dest, options.link_all, options.link_map)
+    checked = preflight(storage, server, plan, manifest, options)
+    dest, targets, links = checked.dest, checked.targets, checked.links
     # run as root (e.g. from a script) into a directory the server's user made: files go to that user
     owner = None
     if os.geteuid() == 0 and os.path.isdir(dest):

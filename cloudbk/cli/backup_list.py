@@ -10,7 +10,7 @@ import argparse
 import json
 
 from cloudbk.cli.common import open_repo
-from cloudbk.cli.output import describe_backup, human_size, table, wal_text
+from cloudbk.cli.output import describe_backup, human_size, proof_text, table, wal_text
 from cloudbk.config import Settings
 
 HELP = "list the complete backups with their WAL range, sizes and the WAL archived after them"
@@ -22,13 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.repo.catalog import load_catalog
+    from cloudbk.repo.proofs import describe, load_proofs
 
     storage = open_repo(settings)
     try:
         catalog = load_catalog(storage, settings.server)  # the backups that count (damaged ones are logged)
+        proofs = load_proofs(storage, settings.server)
     finally:
         storage.close()
-    docs = [describe_backup(catalog.index, b) for b in catalog.backups]
+    docs = [{**describe_backup(catalog.index, b), **describe(proofs, b.id)} for b in catalog.backups]
     if args.json:
         print(json.dumps(docs, indent=1))
         return 0
@@ -48,9 +50,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             human_size(d["stored_size"]),
             f"{d['compression_ratio']:.1f}x",
             wal_text(d),
+            proof_text(d["verify"]),
+            proof_text(d["drill"]),
         ]
         for d in docs
     ]
     header = ["ID", "STATUS", "END TIME (UTC)", "TL", "BEGIN LSN", "END LSN", "SIZE", "STORED", "RATIO", "WAL AFTER"]
+    header += ["VERIFIED", "DRILLED"]
     print(table(rows, header))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from cloudbk.cli.common import open_repo
-from cloudbk.cli.output import describe_backup, human_duration, human_size, wal_text
+from cloudbk.cli.output import describe_backup, human_duration, human_size, proof_text, wal_text
 from cloudbk.config import Settings
 
 HELP = "show one backup (ID or 'latest'): WAL range, times, sizes, tablespaces, WAL archived after it"
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.repo.catalog import load_catalog, load_manifest, resolve_backup
     from cloudbk.repo.manifest import parse_time
+    from cloudbk.repo.proofs import describe, load_proofs
 
     storage = open_repo(settings)
     try:
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         index = catalog.index
         summary = resolve_backup(catalog, args.backup_id)  # a damaged backup is an error naming what is wrong
         manifest = load_manifest(storage, settings.server, summary.id)
+        proofs = load_proofs(storage, settings.server)
     finally:
         storage.close()
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     ]  # fmt: skip
     doc["links"] = [{"tar": t.name, "path": lk.path, "target": lk.target, "type": lk.type}
                     for t in manifest.tars for lk in t.links or []]  # fmt: skip
+    doc.update(describe(proofs, summary.id))
     doc.update(label=manifest.label, pgdata=manifest.pgdata, hostname=manifest.hostname, tool=manifest.tool)
     if args.files:
         doc["files"] = [{"tar": t.name, "volume": v.name, "path": f.path, "size": f.size, "sha256": f.sha256,
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ("size", f"{human_size(summary.data_size)} in {summary.file_count} files"),
         ("stored", f"{human_size(summary.stored_size)} ({summary.compression}, ratio {summary.ratio:.2f})"),
         ("WAL after it", f"{doc['wal_after']['segments']} segments, {wal_text(doc)}"),
+        ("last verify", proof_text(doc["verify"])),
+        ("last drill", proof_text(doc["drill"])),
         ("label", manifest.label),
         ("source", f"{manifest.hostname}:{manifest.pgdata} ({manifest.tool})"),
     ]

@@ -1,4 +1,5 @@
-"""``cloudbk check [--json] [--max-backup-age HOURS] [--max-wal-lag SEGMENTS] [--minimum-redundancy N]``.
+"""``cloudbk check [--json] [--max-backup-age HOURS] [--max-wal-lag SEGMENTS] [--minimum-redundancy N]
+[--max-drill-age HOURS] [--max-verify-age HOURS]``.
 
 One line per check, ``name: OK`` or ``name: FAILED (detail)``, as ``barman check`` prints them; exit 1 (SPEC
 §1: the operation failed) when any check failed, 0 when all passed. Monitoring can run it as is, or read
@@ -33,13 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fail when more segments than this wait to be archived (default 16)",
     )
     parser.add_argument("--minimum-redundancy", type=int, metavar="N", help="fail with fewer backups (default 1)")
+    parser.add_argument(
+        "--max-drill-age",
+        type=float,
+        metavar="HOURS",
+        help="fail when the last successful drill is older (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-verify-age", type=float, metavar="HOURS",
+        help="fail when the last successful verify is older (default: no limit)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from cloudbk.config import check_limits
+    from cloudbk.config import check_limits, proof_ages
     from cloudbk.lifecycle.checks import DEFAULT_MAX_BACKUP_AGE, DEFAULT_MAX_WAL_LAG, CheckOptions, run_checks
 
     age, lag, minimum = check_limits(settings, args.max_backup_age, args.max_wal_lag, args.minimum_redundancy)
+    drill_age, verify_age = proof_ages(settings, args.max_drill_age, args.max_verify_age)
     options = CheckOptions(
         repo=settings.require_repo(),
         server=settings.server,
@@ -47,6 +59,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         max_backup_age=age or DEFAULT_MAX_BACKUP_AGE,
         max_wal_lag=DEFAULT_MAX_WAL_LAG if lag is None else lag,
         minimum_redundancy=minimum,
+        max_drill_age=drill_age,
+        max_verify_age=verify_age,
     )
     try:
         storage: Storage | None = open_repo(settings, CHECK_RETRY_DEADLINE)

@@ -35,6 +35,8 @@ COMMANDS: dict[str, str] = {
     "keep": "keep",
     "check": "check",
     "wal-verify": "wal_verify",
+    "verify": "verify",
+    "drill": "drill",
 }
 
 log = logging.getLogger("cloudbk")

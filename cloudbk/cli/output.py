@@ -58,6 +58,17 @@ def describe_backup(index: Index, backup: BackupSummary) -> dict[str, Any]:
     return doc
 
 
+def proof_text(proof: dict[str, Any] | None) -> str:
+    """A backup's last verify or drill (``cloudbk.repo.proofs.describe``) in a few words."""
+    if proof is None:
+        return "never"
+    when = str(proof["last"])[:16].replace("T", " ")
+    if proof["last_ok"]:
+        return when
+    since = proof["last_success"]
+    return f"{when} FAILED" + (f" (ok {str(since)[:10]})" if since else "")
+
+
 def wal_text(doc: dict[str, Any]) -> str:
     wal = doc["wal_after"]
     if not wal["restorable"]:

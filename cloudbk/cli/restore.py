@@ -9,16 +9,24 @@ with missing WAL is refused unless ``--force``. After the restore, ``pg_ctl -D D
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING, Any
 
 from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
-from cloudbk.errors import UsageError
+from cloudbk.errors import CloudbkError, UsageError
 from cloudbk.redact import strip_userinfo
+
+if TYPE_CHECKING:
+    from cloudbk.backup.restore import RestoreOptions
+    from cloudbk.repo.manifest import Manifest
+    from cloudbk.repo.pitr import RecoveryPlan, Target
+    from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk")
 
@@ -30,14 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backup", metavar="ID|latest", help="the backup to restore (default: the newest that reaches the target)"
     )
-    targets = parser.add_argument_group("recovery target (default: replay all archived WAL)")
-    targets.add_argument(
-        "--target-time", metavar="TIMESTAMP", help="e.g. '2026-11-21 09:30:00+00' (no offset: local time)"
-    )
-    targets.add_argument("--target-lsn", metavar="LSN", help="e.g. 0/3000060")
-    targets.add_argument("--target-xid", metavar="XID", help="stop after this transaction commits")
-    targets.add_argument("--target-name", metavar="NAME", help="a restore point made by pg_create_restore_point()")
-    targets.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    targets = add_targets(parser)
     targets.add_argument(
         "--target-action", choices=("promote", "pause", "shutdown"), default="promote",
         help="what the server does at the target (default promote)",
@@ -61,8 +62,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="restore even if the plan lacks WAL segments or the target time is beyond the archived WAL",
+        help="restore even if the plan lacks WAL segments, the target time is beyond the archived WAL, or the free "
+        "space looks too small",
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="make every check restore makes before writing (plan, missing WAL, volumes, destinations, free space), "
+        "print the result and write nothing; exit nonzero exactly when restore would refuse",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan and checks as JSON")
+
+
+def add_targets(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The recovery target flags ``restore`` and ``drill`` share (parsed by ``repo.pitr.Target.parse``)."""
+    targets = parser.add_argument_group("recovery target (default: replay all archived WAL)")
+    targets.add_argument(
+        "--target-time", metavar="TIMESTAMP", help="e.g. '2026-11-21 09:30:00+00' (no offset: local time)"
+    )
+    targets.add_argument("--target-lsn", metavar="LSN", help="e.g. 0/3000060")
+    targets.add_argument("--target-xid", metavar="XID", help="stop after this transaction commits")
+    targets.add_argument("--target-name", metavar="NAME", help="a restore point made by pg_create_restore_point()")
+    targets.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    return targets
+
+
+def parse_target(args: argparse.Namespace) -> Target:
+    from cloudbk.repo.pitr import Target
+
+    return Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
+
+
+def check_backup_arg(backup: str | None) -> None:
+    if backup is not None and backup != "latest":
+        from cloudbk.repo.layout import check_backup_id
+
+        check_backup_id(backup)
 
 
 def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = "OLD=NEW") -> dict[str, str]:
@@ -91,19 +125,16 @@ def restore_command(settings: Settings, repo: str) -> str:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.backup.restore import RestoreOptions, check_destinations, prepare, restore
-    from cloudbk.repo.pitr import Target, check_complete
+    from cloudbk.repo.pitr import check_complete
 
     repo = settings.require_repo()
-    target = Target.parse(args.target_time, args.target_lsn, args.target_xid, args.target_name, args.target_immediate)
+    target = parse_target(args)
     timeline = None
     if args.target_timeline != "latest":
         if not args.target_timeline.isdigit() or int(args.target_timeline) < 1:
             raise UsageError(f"--target-timeline {args.target_timeline!r} is not 'latest' or a timeline number")
         timeline = int(args.target_timeline)
-    if args.backup is not None and args.backup != "latest":
-        from cloudbk.repo.layout import check_backup_id
-
-        check_backup_id(args.backup)
+    check_backup_arg(args.backup)
     options = RestoreOptions(
         dest=args.dest,
         restore_command=restore_command(settings, repo),
@@ -122,6 +153,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         storage = open_repo(settings, LONG_RETRY_DEADLINE)
         try:
             _index, plan, manifest = prepare(storage, settings.server, options)
+            if args.dry_run:
+                return _dry_run(storage, settings.server, plan, manifest, options, args.json)
             print(format_plan(plan, manifest.stored_size, options), flush=True)
             if options.force:
                 _warn_beyond_reach(plan)
@@ -144,6 +177,70 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "(or run restore as the server's OS user)", result.dest)  # fmt: skip
     print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
     return 0
+
+
+def _dry_run(storage: Storage, server: str, plan: RecoveryPlan, manifest: Manifest, options: RestoreOptions,
+             as_json: bool) -> int:  # fmt: skip
+    """``restore --dry-run``: the checks of :func:`cloudbk.backup.restore.preflight`, printed; the refusal
+    (if any) is raised after the report, so the exit code is the one ``restore`` would give."""
+    from cloudbk.backup.restore import preflight
+
+    refused: CloudbkError | None = None
+    space: list[dict[str, Any]] = []
+    try:
+        checked = preflight(storage, server, plan, manifest, options)
+        space = [need.to_dict() for need in checked.space]
+    except CloudbkError as exc:
+        refused = exc
+    if as_json:
+        print(json.dumps(plan_doc(plan, manifest, options, space, refused), indent=1))
+    else:
+        print(format_plan(plan, manifest.stored_size, options))
+        for need in space:
+            print(f"  space       {', '.join(need['paths'])}: needs about {human_size(need['needed'])}, "
+                  f"{human_size(need['free'])} free")  # fmt: skip
+        print("dry run: restore would refuse (below); nothing was written" if refused else
+              f"dry run: restore would write backup {manifest.id} into {os.path.abspath(options.dest)}; "
+              "nothing was written")  # fmt: skip
+    if refused is not None:
+        raise refused
+    if options.force:
+        _warn_beyond_reach(plan)
+    return 0
+
+
+def plan_doc(plan: RecoveryPlan, manifest: Manifest, options: RestoreOptions, space: list[dict[str, Any]],
+             refused: CloudbkError | None) -> dict[str, Any]:  # fmt: skip
+    """The recovery plan and the checks as JSON (``restore --dry-run --json``, and ``drill``'s report)."""
+    from cloudbk.pg.walnames import format_lsn, segment_name
+
+    b = plan.backup
+    return {
+        "backup": b.id,
+        "backup_begin_lsn": format_lsn(b.begin_lsn),
+        "backup_end_lsn": format_lsn(b.end_lsn),
+        "backup_end_time": b.end_time,
+        "target": plan.target.describe(),
+        "target_action": options.target_action if plan.target.kind != "end" else None,
+        "timelines": [s.timeline for s in plan.path],
+        "wal": [
+            {
+                "timeline": s.timeline,
+                "first": segment_name(s.timeline, s.first, plan.segment_size),
+                "last": segment_name(s.timeline, s.last, plan.segment_size),
+                "segments": s.count,
+            }
+            for s in plan.stretches
+        ],
+        "backup_bytes": manifest.stored_size,
+        "wal_bytes": plan.wal_bytes,
+        "complete": plan.complete,
+        "missing": plan.describe_missing(),
+        "space": space,
+        "dest": os.path.abspath(options.dest),
+        "would_restore": refused is None,
+        "refused": None if refused is None else str(refused),
+    }
 
 
 def _warn_beyond_reach(plan: object) -> None:

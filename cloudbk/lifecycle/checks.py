@@ -23,6 +23,9 @@ Checks, in order (a check that cannot run because an earlier one failed is left 
   backups are named, and not counted by the checks below.
 - ``backup maximum age``: the newest backup ended less than ``max_backup_age`` ago.
 - ``minimum redundancy requirements``: at least ``minimum_redundancy`` backups exist.
+- ``last successful verify``, ``last successful drill``: when ``cloudbk verify`` and ``cloudbk drill`` last
+  passed, from their proofs (one LIST, :mod:`cloudbk.repo.proofs`); they fail only when ``max_verify_age`` /
+  ``max_drill_age`` is set and the last success is older, or there is none.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from cloudbk.repo import layout
 from cloudbk.repo.catalog import Catalog, damaged_hint, load_catalog
 from cloudbk.repo.index import Index
 from cloudbk.repo.manifest import parse_time
+from cloudbk.repo.proofs import DRILL, VERIFY, load_proofs, newest_ok
 from cloudbk.storage.base import CREATE_ONLY, Storage
 from cloudbk.wal.verify import GAP, verify_index
 
@@ -75,6 +79,8 @@ class CheckOptions:
     max_backup_age: timedelta = DEFAULT_MAX_BACKUP_AGE
     minimum_redundancy: int = DEFAULT_MINIMUM_REDUNDANCY
     max_wal_lag: int = DEFAULT_MAX_WAL_LAG
+    max_drill_age: timedelta | None = None  # None: report the last drill, never fail on its age
+    max_verify_age: timedelta | None = None
     now: datetime | None = None
 
 
@@ -420,4 +426,27 @@ def run_checks(
         f"have {have} backups, expected at least {want}",
         None if have >= want else "take more backups with `cloudbk backup-push`",
     )
+    if storage is not None:
+        _check_proofs(report, storage, options, now)
     return report
+
+
+def _check_proofs(report: CheckReport, storage: Storage, options: CheckOptions, now: datetime) -> None:
+    """``last successful verify`` and ``last successful drill``, failing only past a configured age."""
+    try:
+        states = load_proofs(storage, options.server)
+    except CloudbkError as exc:
+        report.add("last successful verify", False, f"cannot list the proofs: {_error_text(exc)}")
+        return
+    for kind, limit, command in ((VERIFY, options.max_verify_age, "verify"), (DRILL, options.max_drill_age, "drill")):
+        proof = newest_ok(states, kind)
+        allowed = "" if limit is None else f" (limit {_age(limit.total_seconds())})"
+        name = f"last successful {kind}"
+        hint = f"run `cloudbk {command}` (and schedule it: see the README)"
+        if proof is None:
+            report.add(name, limit is None, "never" + allowed, None if limit is None else hint)
+            continue
+        age = (now - proof.time).total_seconds()
+        ok = limit is None or age <= limit.total_seconds()
+        detail = f"backup {proof.backup_id}, {_age(max(age, 0.0))} ago{allowed}"
+        report.add(name, ok, detail, None if ok else hint)

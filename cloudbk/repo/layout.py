@@ -8,6 +8,7 @@
 <server>/backups/<backup-id>/keep.json       present while the backup is kept (`cloudbk keep`); retention skips it
 <server>/backups/<backup-id>/heartbeat.json  present while its backup-push runs, rewritten every minute
 <server>/check/<token>                       a probe `cloudbk check` writes and deletes at once
+<server>/proofs/<kind>/<backup-id>/<time>-<outcome>.json   a verify or drill result (docs/format.md, "Proofs")
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ INDEX_NAME = "index.json"
 MANIFEST_NAME = "manifest.json"
 KEEP_NAME = "keep.json"
 HEARTBEAT_NAME = "heartbeat.json"
+PROOF_KINDS = ("verify", "drill")
+PROOF_OUTCOMES = ("ok", "failed")
+_PROOF_TIME = re.compile(r"^[0-9]{8}T[0-9]{6}(?:\.[0-9]{6})?Z$")
 
 
 def check_server(server: str) -> str:
@@ -114,3 +118,28 @@ def check_probe_key(server: str, token: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", token):
         raise UsageError(f"invalid probe token {token!r}")
     return f"{check_server(server)}/check/{token}"
+
+
+def proofs_prefix(server: str) -> str:
+    return f"{check_server(server)}/proofs/"
+
+
+def proof_key(server: str, kind: str, backup_id: str, stamp: str, outcome: str) -> str:
+    """The result object of one ``verify`` or ``drill`` of a backup: what it proved is in the key itself, so
+    one LIST of :func:`proofs_prefix` answers "when was each backup last verified, last drilled?"."""
+    if kind not in PROOF_KINDS or outcome not in PROOF_OUTCOMES or not _PROOF_TIME.match(stamp):
+        raise UsageError(f"invalid proof {kind!r} {stamp!r} {outcome!r}")
+    return f"{proofs_prefix(server)}{kind}/{check_backup_id(backup_id)}/{stamp}-{outcome}.json"
+
+
+def parse_proof_key(server: str, key: str) -> tuple[str, str, str, str] | None:
+    """(kind, backup id, time stamp, outcome) of a key :func:`proof_key` built, or None for any other key."""
+    prefix = proofs_prefix(server)
+    parts = key[len(prefix) :].split("/") if key.startswith(prefix) else []
+    if len(parts) != 3 or parts[0] not in PROOF_KINDS or not _BACKUP_ID.match(parts[1]):
+        return None
+    stamp, _, rest = parts[2].partition("-")
+    outcome = rest.removesuffix(".json")
+    if not _PROOF_TIME.match(stamp) or outcome not in PROOF_OUTCOMES or not rest.endswith(".json"):
+        return None
+    return parts[0], parts[1], stamp, outcome

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
 
 from backends import Backend
-from pgcluster import BIN_DIR, PgCluster, cloudbk, new_dir
+from pgcluster import BIN_DIR, PG_USER, PgCluster, cloudbk, new_dir
 
-from cloudbk.repo.index import Index, load_index
+from cloudbk.repo.index import Index, load_index, update_index
+from cloudbk.storage.base import CREATE_ONLY, OVERWRITE, Storage
 
 
 def repo_env(backend: Backend) -> dict[str, str]:
@@ -26,9 +29,11 @@ class Clusters:
     def __init__(self) -> None:
         self.all: list[PgCluster] = []
 
-    def archiving(self, backend: Backend, tag: str = "src", archive_command: str | None = None) -> PgCluster:
+    def archiving(
+        self, backend: Backend, tag: str = "src", archive_command: str | None = None, initdb_args: tuple[str, ...] = ()
+    ) -> PgCluster:
         env = repo_env(backend)
-        pg = PgCluster.init(tag, env=env)
+        pg = PgCluster.init(tag, env=env, initdb_args=initdb_args)
         self.all.append(pg)
         pg.enable_archiving(archive_command or f"{BIN_DIR / 'cloudbk-wal-push'} %p")
         pg.configure({"checkpoint_timeout": "'30min'", "max_wal_size": "'1GB'"})
@@ -110,3 +115,28 @@ def index_of(backend: Backend) -> Index:
 
 def phases(pg: PgCluster) -> list[str]:
     return pg.sql("SELECT string_agg(phase, ',' ORDER BY phase) FROM t").split(",")
+
+
+def replace_object(backend: Backend, storage: Storage, key: str, data: bytes | None, create: bool = False) -> None:
+    """Store ``data`` at ``key`` (None: delete it), as the PostgreSQL user would own it on the file backend."""
+    if data is None:
+        storage.delete_many([key])
+        return
+    storage.put_bytes(key, data, CREATE_ONLY if create else OVERWRITE)
+    if backend.name == "file":
+        pw = pwd.getpwnam(PG_USER)
+        os.chown(backend.url.removeprefix("file://") + "/" + key, pw.pw_uid, pw.pw_gid)
+
+
+def forget_segment(backend: Backend, segno: int) -> None:
+    """Drop segment ``segno`` of timeline 1 from the index (as if its index update had been lost)."""
+
+    def mutate(index: Index) -> bool:
+        index.remove_segments(1, segno, segno)
+        return True
+
+    storage = backend.open()
+    try:
+        update_index(storage, "main", mutate)
+    finally:
+        storage.close()

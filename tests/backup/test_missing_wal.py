@@ -5,26 +5,11 @@ from __future__ import annotations
 import os
 
 from backends import Backend
-from bkhelpers import Clusters, archive_all, index_of, new_dest, restore, take_backup
+from bkhelpers import Clusters, archive_all, forget_segment, index_of, new_dest, restore, take_backup
 
 from cloudbk.errors import ExitCode
 from cloudbk.pg.walnames import segment_name
 from cloudbk.repo import layout
-from cloudbk.repo.index import Index, update_index
-
-
-def _forget(backend: Backend, segno: int) -> None:
-    """Drop segment ``segno`` of timeline 1 from the index (as if its index update had been lost)."""
-
-    def mutate(index: Index) -> bool:
-        index.remove_segments(1, segno, segno)
-        return True
-
-    storage = backend.open()
-    try:
-        update_index(storage, "main", mutate)
-    finally:
-        storage.close()
 
 
 def test_missing_segment_refuses_before_extracting(file_backend: Backend, clusters: Clusters) -> None:
@@ -43,7 +28,7 @@ def test_missing_segment_refuses_before_extracting(file_backend: Backend, cluste
     name = segment_name(1, victim)
 
     # the index lost the entry but the object is there: the plan checks the exact key and goes ahead
-    _forget(file_backend, victim)
+    forget_segment(file_backend, victim)
     dest = new_dest()
     proc = restore(file_backend, dest, "--target-time", target)
     assert "every WAL segment and history file the plan needs is in the archive" in proc.stdout

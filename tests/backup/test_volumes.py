@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
-import pwd
 import subprocess
 from pathlib import Path
 
 from backends import Backend
-from bkhelpers import Clusters, archive_all, new_dest, repo_env, restore, scratch_dir, start_and_promote
+from bkhelpers import (
+    Clusters,
+    archive_all,
+    new_dest,
+    replace_object,
+    repo_env,
+    restore,
+    scratch_dir,
+    start_and_promote,
+)
 from pgcluster import PG_USER, cloudbk
 
 from cloudbk.errors import ExitCode
 from cloudbk.repo import layout
 from cloudbk.repo.manifest import Manifest
-from cloudbk.storage.base import CREATE_ONLY, OVERWRITE, Storage
+from cloudbk.storage.base import Storage
 
 VOLUME = "1MiB"
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "format1-repo.tar.gz"
@@ -42,17 +49,6 @@ def _assert_same(a: Path, b: Path, skip: tuple[str, ...] = ()) -> int:
     differ = [rel for rel in left if rel not in skip and not filecmp.cmp(left[rel], right[rel], shallow=False)]
     assert not differ, differ
     return len(left)
-
-
-def _replace(backend: Backend, storage: Storage, key: str, data: bytes | None, create: bool = False) -> None:
-    """Store ``data`` at ``key`` (None: delete it), as the PostgreSQL user would own it on the file backend."""
-    if data is None:
-        storage.delete_many([key])
-        return
-    storage.put_bytes(key, data, CREATE_ONLY if create else OVERWRITE)
-    if backend.name == "file":
-        pw = pwd.getpwnam(PG_USER)
-        os.chown(backend.url.removeprefix("file://") + "/" + key, pw.pw_uid, pw.pw_gid)
 
 
 def test_volumes_round_trip_and_damage(pg_backend: Backend, clusters: Clusters) -> None:
@@ -128,24 +124,24 @@ def _damage(backend: Backend, storage: Storage, manifest: Manifest) -> None:
     assert len(data) == volume.stored_size
     mapping = [f"--tablespace-mapping={ts.location}={scratch_dir('bad') / 'ts'}" for ts in manifest.tablespaces]
     for damaged, word in ((None, "missing"), (data[: len(data) // 2], "bytes")):
-        _replace(backend, storage, key, damaged)
+        replace_object(backend, storage, key, damaged)
         dest = new_dest()
         proc = restore(backend, dest, "--backup", manifest.id, "--target-immediate", *mapping, check=False)
         assert proc.returncode == ExitCode.OTHER, proc.stderr
         assert volume.name in proc.stderr and word in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not dest.exists()
-        _replace(backend, storage, key, data, create=damaged is None)
+        replace_object(backend, storage, key, data, create=damaged is None)
 
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x40
-    _replace(backend, storage, key, bytes(flipped))
+    replace_object(backend, storage, key, bytes(flipped))
     dest = new_dest()
     proc = restore(backend, dest, "--backup", manifest.id, "--target-immediate", *mapping, check=False)
     assert proc.returncode == ExitCode.OTHER, proc.stderr
     assert key in proc.stderr and "corrupt" in proc.stderr and "cannot start" in proc.stderr, proc.stderr
     assert dest.is_dir() and not (dest / "recovery.signal").exists()
     assert not (dest / "global" / "pg_control").exists()
-    _replace(backend, storage, key, data)
+    replace_object(backend, storage, key, data)
 
 
 def test_format1_repository_restores(clusters: Clusters) -> None:

@@ -61,6 +61,8 @@ def test_check_passes_when_healthy_and_names_each_failure() -> None:
             "WAL continuity",
             "backup maximum age",
             "minimum redundancy requirements",
+            "last successful verify",
+            "last successful drill",
         }
         assert all(status.startswith("OK") for status in results.values()), healthy.stdout
         doc = json.loads(site.cloudbk(*argv, "--json").stdout)

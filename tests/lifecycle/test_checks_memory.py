@@ -10,6 +10,7 @@ from services.proc import free_port
 
 from cloudbk.errors import AccessDenied
 from cloudbk.lifecycle.checks import CheckOptions, _archive_command_problem, run_checks
+from cloudbk.repo.proofs import DRILL, VERIFY, record_proof
 from cloudbk.storage.memory import MemoryStorage
 
 
@@ -42,8 +43,11 @@ def test_repository_checks_pass_on_a_healthy_repository() -> None:
         "WAL continuity",
         "backup maximum age",
         "minimum redundancy requirements",
+        "last successful verify",
+        "last successful drill",
     ]
     assert results["minimum redundancy requirements"] == (True, "have 2 backups, expected at least 2")
+    assert results["last successful drill"] == (True, "never")  # no limit configured: reported, never failing
     assert [info.key for info in storage.list(f"{SERVER}/check/")] == []  # the probe was removed
 
 
@@ -121,3 +125,21 @@ def test_archive_command_recognition(command: str, problem: str | None) -> None:
         assert found is None
     else:
         assert found is not None and problem in found
+
+
+def test_proof_ages_fail_only_when_configured() -> None:
+    storage = MemoryStorage()
+    healthy(storage)
+    now, backup_id = T0 + timedelta(hours=1), "20260101T010000Z"  # options()' clock, the newest backup
+    record_proof(storage, SERVER, DRILL, backup_id, True, {"rto_seconds": 12.5}, now=now - timedelta(days=9))
+    record_proof(storage, SERVER, DRILL, backup_id, False, {}, now=now - timedelta(days=1))  # failed: not counted
+    record_proof(storage, SERVER, VERIFY, backup_id, True, {}, now=now - timedelta(hours=2))
+    weekly = options(max_drill_age=timedelta(days=8), max_verify_age=timedelta(hours=25))
+    results = by_name(run_checks(storage, weekly, postgres=False))
+    assert results["last successful drill"] == (False, f"backup {backup_id}, 9 days ago (limit 8 days)")
+    assert results["last successful verify"] == (True, f"backup {backup_id}, 2 hours ago (limit 25 hours)")
+    record_proof(storage, SERVER, DRILL, backup_id, True, {}, now=now - timedelta(minutes=5))
+    assert by_name(run_checks(storage, weekly, postgres=False))["last successful drill"][0] is True
+    empty = MemoryStorage()
+    healthy(empty)
+    assert by_name(run_checks(empty, weekly, postgres=False))["last successful drill"][0] is False
