@@ -4,7 +4,6 @@ on the scratch directory, waited for, queried, and stopped by its PID; and any d
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
 import pwd
@@ -17,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cloudbk import background
 from cloudbk.errors import DatabaseError, OperationFailed, UsageError
 
 STOP_WAIT = 60.0  # seconds for a fast shutdown before an immediate one
@@ -158,20 +158,8 @@ def connect(socket_dir: str, port: int, user: str, dbname: str, timeout: int = 5
         raise DatabaseError(f"cannot connect to the drill's server: {str(exc).strip()}") from exc
 
 
-def _lock_held(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
+def _lock_held(lock: str) -> bool:
+    return background.is_running(os.path.dirname(lock))
 
 
 def stop_workers(datadir: str) -> list[int]:
