@@ -36,13 +36,14 @@ class CompressingWriter:
     """``write`` uncompressed bytes; compressed bytes go to ``sink``. ``finish`` ends the stream.
 
     ``sha256`` and ``size`` describe the uncompressed bytes; ``compressed_size`` what reached the sink.
-    The sink is never closed by this object.
+    The sink is never closed by this object. With ``hashing`` False (content whose SHA-256 the caller computed
+    over the very buffer it writes) nothing is hashed and ``sha256`` is the empty string.
     """
 
-    def __init__(self, algo: str, sink: Sink, threads: int = 0) -> None:
+    def __init__(self, algo: str, sink: Sink, threads: int = 0, hashing: bool = True) -> None:
         self.algo = check_algorithm(algo)
         self._sink = sink
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashing else None
         self.size = 0
         self.compressed_size = 0
         self._finished = False
@@ -72,7 +73,8 @@ class CompressingWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._finished:
             raise ValueError("write after finish")
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += len(data)
         if self._codec is None:
             self._emit(bytes(data))
@@ -89,7 +91,7 @@ class CompressingWriter:
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._hash is not None else ""
 
 
 #: codecs whose frames carry a checksum of their content, which the decompressor verifies at the frame's end

@@ -57,6 +57,7 @@ class ObjectSink:
         threads: int = 0,
         source: str | None = None,
         parts_in_flight: int | None = None,
+        hashing: bool = True,
     ) -> None:
         self.key = key
         self.header = header
@@ -69,7 +70,7 @@ class ObjectSink:
             self._writer.write(encoded)
             self._header_size = len(encoded)
             # the seam for encryption: a cipher would sit between the compressor and the writer
-            self._compressor = CompressingWriter(header.compression, self._writer, threads=threads)
+            self._compressor = CompressingWriter(header.compression, self._writer, threads=threads, hashing=hashing)
         except BaseException:
             self._writer.abort()
             raise
@@ -82,7 +83,7 @@ class ObjectSink:
         try:
             self._compressor.finish()
             c = self._compressor
-            if (self.header.sha256 is not None and c.sha256 != self.header.sha256) or (
+            if (self.header.sha256 is not None and c.sha256 and c.sha256 != self.header.sha256) or (
                 self.header.size is not None and c.size != self.header.size
             ):
                 what = self.source or f"the content written to {self.key}"
@@ -104,7 +105,8 @@ class ObjectSink:
                 hint="the stored object is not trusted; check the storage, then move the object aside so the write "
                 "can be retried",
             )
-        return StoredObject(self.header, self._compressor.sha256, self._compressor.size, info.size)
+        sha256 = self._compressor.sha256 or str(self.header.sha256 or "")
+        return StoredObject(self.header, sha256, self._compressor.size, info.size)
 
     def abort(self) -> None:
         """Discard everything written; never raises."""
@@ -266,15 +268,19 @@ def create_object(
     threads: int = 0,
     source: str | None = None,
     parts_in_flight: int | None = None,
+    hashing: bool = True,
 ) -> ObjectSink:
     """Start writing ``kind`` content named ``name`` to ``key`` (create-only unless ``mode`` says otherwise).
 
     ``sha256`` and ``size`` of the plain content go into the header when they are known before the write;
     ``parts_in_flight`` bounds the parts a multipart upload sends at once (memory, when many objects are
-    written at a time).
+    written at a time). ``hashing`` False: the caller hashed the very (immutable) buffer it writes, so it is not
+    hashed again; only its size is checked against the header.
     """
+    if not hashing and sha256 is None:
+        raise ValueError("an unhashed write needs the SHA-256 of its content")
     header = Header(kind=kind, name=name, compression=compression, sha256=sha256, size=size)
-    return ObjectSink(storage, key, header, mode, threads, source, parts_in_flight)
+    return ObjectSink(storage, key, header, mode, threads, source, parts_in_flight, hashing)
 
 
 def read_object(

@@ -6,7 +6,9 @@ One detached worker per (data directory, settings identity), started by a synchr
 1. Read ``pg_wal/archive_status/*.ready`` in PostgreSQL's order (``.history`` first, then oldest first) and
    hand up to ``--push-ahead`` files at once to threads, each pushed by exactly the synchronous rules
    (:func:`cloudbk.wal.push.stage_wal`: create-only, checksum in the header, identical duplicate = success,
-   different content or a foreign system identifier refused).
+   different content or a foreign system identifier refused). Unlike a synchronous push, which streams a file
+   twice (hash, then compress and hash again), the worker reads each file into memory once and hashes that
+   buffer once, at most one file per CPU at a time; the uploads themselves run ``--push-ahead`` at once.
 2. List the stored files in the index with **one** compare-and-swap per batch: when nothing else is in
    flight, or at least :data:`BATCH_SECONDS` after the previous one while uploads keep finishing.
 3. Only after that compare-and-swap succeeded, write one marker per file (:mod:`cloudbk.wal.marker`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -75,6 +78,8 @@ class Worker:
         self.failed_at: dict[str, float] = {}
         self.vouched: set[str] = set()  # names with a marker written, while PostgreSQL still has them .ready
         self.last_batch = 0.0
+        # files held in memory at once (read once, hashed once: cloudbk.wal.push.read_whole), one per CPU
+        self.buffers = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def _note(self, name: str, suffix: str) -> str:
         return os.path.join(self.sdir, name + suffix)
@@ -121,7 +126,7 @@ class Worker:
             waiting = True
             marker.remove(self._note(name, marker.FAILED))
             marker.write_atomically(self._note(name, marker.BUSY), "")
-            future = pool.submit(stage_wal, self.storage, self.server, path, self.compression, self.index)
+            future = pool.submit(stage_wal, self.storage, self.server, path, self.compression, self.index, self.buffers)
             self.inflight[future] = Taken(name, file_id)
         return waiting
 

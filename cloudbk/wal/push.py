@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -51,7 +52,7 @@ from cloudbk.pg.walnames import (
 )
 from cloudbk.repo import layout
 from cloudbk.repo.index import Index, load_index, update_index
-from cloudbk.repo.objects import WAL, create_object, read_object
+from cloudbk.repo.objects import WAL, ObjectSink, create_object, read_object
 from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk.wal.push")
@@ -87,10 +88,17 @@ class PushResult:
     seconds: float
 
 
+def _not_found(path: str) -> OperationFailed:
+    return OperationFailed(
+        f"WAL file {path} does not exist",
+        key=path,
+        hint="archive_command must be given %p, the path relative to the data directory",
+    )
+
+
 def inspect_file(path: str) -> LocalFile:
     """Hash ``path`` and, for segments, decode its first page header. Raises on a file that is not WAL."""
-    name = os.path.basename(path)
-    wal = parse_wal_name(name)
+    wal = parse_wal_name(os.path.basename(path))
     digest = hashlib.sha256()
     size = 0
     first = b""
@@ -105,14 +113,34 @@ def inspect_file(path: str) -> LocalFile:
                 digest.update(chunk)
                 size += len(chunk)
     except FileNotFoundError:
-        raise OperationFailed(
-            f"WAL file {path} does not exist",
-            key=path,
-            hint="archive_command must be given %p, the path relative to the data directory",
-        ) from None
+        raise _not_found(path) from None
     except OSError as exc:
         raise OperationFailed(f"cannot read WAL file {path}: {exc.strerror}", key=path) from exc
+    return _described(path, wal, size, digest.hexdigest(), first)
 
+
+def read_whole(path: str) -> tuple[LocalFile, bytes]:
+    """Read ``path`` into memory in one go (a WAL file is at most one segment) and hash it once; the push-ahead
+    worker's path. A file whose size or mtime changed during the read is refused, nothing stored."""
+    wal = parse_wal_name(os.path.basename(path))
+    try:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            data = f.read()
+            after = os.fstat(f.fileno())
+    except FileNotFoundError:
+        raise _not_found(path) from None
+    except OSError as exc:
+        raise OperationFailed(f"cannot read WAL file {path}: {exc.strerror}", key=path) from exc
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+        raise IntegrityError(
+            f"{path} changed while it was read", key=path, hint="it was not archived; PostgreSQL's call retries it"
+        )
+    return _described(path, wal, len(data), hashlib.sha256(data).hexdigest(), data[:64]), data
+
+
+def _described(path: str, wal: WalName, size: int, sha256: str, first: bytes) -> LocalFile:
+    """The checks a file must pass before it is archived: for segments, a long page header naming it."""
     header: SegmentHeader | None = None
     if wal.kind in (SEGMENT, PARTIAL):
         header = parse_segment_header(first)
@@ -135,7 +163,7 @@ def inspect_file(path: str) -> LocalFile:
                 key=path,
                 hint="the segment is truncated; it was not archived. Check the disk holding pg_wal",
             )
-    return LocalFile(path, wal, size, digest.hexdigest(), header)
+    return LocalFile(path, wal, size, sha256, header)
 
 
 def _check_cluster(index: Index, local: LocalFile, key: str) -> None:
@@ -178,6 +206,21 @@ def _upload(storage: Storage, key: str, local: LocalFile, compression: str) -> i
             sink.abort()
             raise
         return sink.commit().stored_size
+
+
+def _write_buffered(storage: Storage, key: str, local: LocalFile, data: bytes, compression: str) -> ObjectSink:
+    """Compress ``data`` (hashed already, by :func:`read_whole`) into a create-only write; commit is the caller's."""
+    sink = create_object(
+        storage, key, WAL, local.wal.name, compression, local.sha256, local.size, source=local.path, hashing=False
+    )
+    try:
+        view = memoryview(data)
+        for offset in range(0, len(view), _CHUNK):
+            sink.write(view[offset : offset + _CHUNK])
+    except BaseException:
+        sink.abort()
+        raise
+    return sink
 
 
 def _compare_existing(storage: Storage, key: str, local: LocalFile) -> int:
@@ -262,22 +305,44 @@ class Staged:
     pushed: datetime  # when its push began (see _record)
 
 
-def stage_wal(storage: Storage, server: str, path: str, compression: str, index: Index | None = None) -> Staged:
+def stage_wal(
+    storage: Storage,
+    server: str,
+    path: str,
+    compression: str,
+    index: Index | None = None,
+    buffer: AbstractContextManager[object] | None = None,
+) -> Staged:
     """Steps 1-3 of the module docstring: store ``path`` (or find it stored). ``index`` is a recent copy of the
-    server's index for the foreign-cluster check; None reads it."""
-    pushed = datetime.now(UTC)
-    local = inspect_file(path)
-    key = layout.wal_key(server, local.wal)
-    log.debug("%s: %d bytes, sha256 %s, key %s", path, local.size, local.sha256, key)
+    server's index for the foreign-cluster check; None reads it.
 
-    if local.segment_header is not None:
+    ``buffer`` (the push-ahead worker's): read the file into memory once and hash it once, within this context
+    (a semaphore bounding how many 16 MiB buffers exist at a time); the upload itself runs outside it. Without
+    it the file is streamed twice (hash, then compress and hash again), in bounded memory.
+    """
+    pushed = datetime.now(UTC)
+
+    def check(local: LocalFile, key: str) -> None:
         # Refuse a foreign cluster's segment before writing anything. (Re-checked inside the index update.)
-        _check_cluster(index if index is not None else load_index(storage, server), local, key)
+        if local.segment_header is not None:
+            _check_cluster(index if index is not None else load_index(storage, server), local, key)
 
     already = False
     try:
-        stored = _upload(storage, key, local, compression)
-        log.debug("%s: stored %s (%d bytes)", local.wal.name, key, stored)
+        if buffer is None:
+            local = inspect_file(path)
+            key = layout.wal_key(server, local.wal)
+            check(local, key)
+            stored = _upload(storage, key, local, compression)
+        else:
+            with buffer:
+                local, data = read_whole(path)
+                key = layout.wal_key(server, local.wal)
+                check(local, key)
+                sink = _write_buffered(storage, key, local, data, compression)
+                del data
+            stored = sink.commit().stored_size
+        log.debug("%s: stored %s (%d bytes, sha256 %s)", local.wal.name, key, stored, local.sha256)
     except AlreadyExists:
         log.debug("%s: %s exists; comparing its content", local.wal.name, key)
         stored = _compare_existing(storage, key, local)

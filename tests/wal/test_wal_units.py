@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,12 @@ from cloudbk.repo import layout
 from cloudbk.repo.compression import ALGORITHMS
 from cloudbk.repo.envelope import Header
 from cloudbk.repo.index import load_index
-from cloudbk.repo.objects import WAL, read_object
+from cloudbk.repo.objects import WAL, create_object, read_object
 from cloudbk.storage.base import Storage
 from cloudbk.storage.memory import MemoryStorage
 from cloudbk.storage.registry import StorageOptions, open_storage
 from cloudbk.wal.fetch import fetch_wal
-from cloudbk.wal.push import push_wal
+from cloudbk.wal.push import push_wal, stage_wal
 
 SERVER = "main"
 SEG3 = "000000010000000000000003"
@@ -499,3 +501,41 @@ def test_cli_push_logs_one_line(url: str, tmp_path: Path, capsys: pytest.Capture
     assert main(["wal-push", "--repo", url, str(forked)]) == ExitCode.OTHER
     err = capsys.readouterr().err
     assert SEG3 in err and "HINT" in err
+
+
+# -- the push-ahead worker's buffered push (read once, hashed once) -----------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_buffered_stage_stores_what_a_streamed_push_stores(storage: Storage, tmp_path: Path, algo: str) -> None:
+    src = write_segment(tmp_path, 1, 3)
+    staged = stage_wal(storage, SERVER, str(src), algo, buffer=threading.BoundedSemaphore(1))
+    assert (staged.local.sha256, staged.local.size, staged.already_archived) == (sha(src.read_bytes()), 16 << 20, False)
+    dest = tmp_path / "RECOVERYXLOG"
+    fetch_wal(storage, SERVER, SEG3, str(dest))  # verifies the header's SHA-256 against the content
+    assert dest.read_bytes() == src.read_bytes()
+    # the same file again is an identical duplicate; a different one is a conflict, as for a streamed push
+    assert stage_wal(storage, SERVER, str(src), algo, buffer=threading.BoundedSemaphore(1)).already_archived
+    other = tmp_path / "other"
+    other.mkdir()
+    forked = write_segment(other, 1, 3, seed="forked")
+    with pytest.raises(ConflictError):
+        stage_wal(storage, SERVER, str(forked), algo, buffer=threading.BoundedSemaphore(1))
+
+
+def test_buffered_stage_refuses_what_a_streamed_push_refuses(storage: Storage, tmp_path: Path) -> None:
+    push_wal(storage, SERVER, str(write_segment(tmp_path, 1, 3)), "zstd")
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ConflictError):  # another cluster's segment, before anything is written
+        stage_wal(storage, SERVER, str(write_segment(other, 1, 4, sysid=SYSID + 1)), "zstd", buffer=nullcontext())
+    assert not storage.exists(layout.wal_key(SERVER, "000000010000000000000004"))
+    truncated = other / "000000010000000000000005"
+    truncated.write_bytes(write_segment(other, 1, 5).read_bytes()[: 8 << 20])
+    with pytest.raises(IntegrityError, match="truncated"):
+        stage_wal(storage, SERVER, str(truncated), "zstd", buffer=nullcontext())
+
+
+def test_an_unhashed_write_needs_the_checksum(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        create_object(storage, "k", WAL, "name", "zstd", hashing=False)
