@@ -12,6 +12,8 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from cloudbk.errors import AlreadyExists
 from cloudbk.storage.base import CREATE_ONLY, Storage
@@ -38,6 +40,17 @@ def selected(names: tuple[str, ...]) -> list[str]:
 
 def unique_prefix(tag: str = "t") -> str:
     return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def process_backend(request: Any, name: str, file_root: Callable[[], Path], tag: str) -> Backend:
+    """A fresh repository on backend ``name`` that a separate process (PostgreSQL's commands) can reach:
+    ``file://`` in a directory ``file_root()`` makes (readable by the PostgreSQL user; pytest's tmp_path is
+    private to root), else under a unique prefix on the ``<name>_service`` fixture's service."""
+    if name == "file":
+        return Backend(name, f"file://{file_root()}")
+    service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
+    backend: Backend = service.make(unique_prefix(tag))
+    return backend
 
 
 @dataclass

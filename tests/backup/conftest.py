@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from backends import PROCESS_BACKENDS, Backend, selected, unique_prefix
+from backends import PROCESS_BACKENDS, Backend, process_backend, selected
 from bkhelpers import Clusters, remove_scratch_dirs, scratch_dir
 
 # the backend, besides the file system, where concurrency and multipart behaviour is exercised
@@ -14,11 +14,7 @@ NETWORK_CHECK_BACKEND = "s3-seaweedfs"
 
 
 def make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
-    if name == "file":
-        return Backend(name, f"file://{scratch_dir('repo')}/repo")  # pytest's tmp_path is private to root
-    service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
-    backend: Backend = service.make(unique_prefix("bk"))
-    return backend
+    return process_backend(request, name, lambda: scratch_dir("repo") / "repo", "bk")
 
 
 @pytest.fixture(params=selected(PROCESS_BACKENDS))

@@ -8,19 +8,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from backends import NETWORK_BACKENDS, PROCESS_BACKENDS, Backend, selected, unique_prefix
+from backends import NETWORK_BACKENDS, PROCESS_BACKENDS, Backend, process_backend, selected
 from pgcluster import new_dir
 from services.proxy import TcpProxy, loopback_ports, redirect_env
 from walhelpers import Outage
 
 
 def _process_backend(request: pytest.FixtureRequest, name: str) -> Backend:
-    if name == "file":
-        # pytest's tmp_path is private to root; archive_command runs as postgres
-        return Backend(name, f"file://{new_dir('walrepo')}")
-    service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
-    backend: Backend = service.make(unique_prefix("wal"))
-    return backend
+    return process_backend(request, name, lambda: new_dir("walrepo"), "wal")
 
 
 @pytest.fixture(params=selected(PROCESS_BACKENDS))

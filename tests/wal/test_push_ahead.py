@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from aheadhelpers import MADE, Archiver, Reaper, history_bytes, history_name, scratch
-from backends import Backend, selected, unique_prefix
+from backends import Backend, process_backend, selected
 from pgcluster import PG_BIN, PgCluster, run_as_pg
 from walhelpers import cloudbk_env
 
@@ -36,11 +36,7 @@ REPLAY_BACKENDS = ("file", "s3-seaweedfs")
 
 
 def _backend(request: pytest.FixtureRequest, name: str) -> Backend:
-    if name == "file":
-        return Backend(name, f"file://{scratch('aheadrepo')}")
-    service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
-    backend: Backend = service.make(unique_prefix("ahead"))
-    return backend
+    return process_backend(request, name, lambda: scratch("aheadrepo"), "ahead")
 
 
 @pytest.fixture(params=selected(REPLAY_BACKENDS))
