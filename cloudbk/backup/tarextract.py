@@ -246,6 +246,8 @@ class SafeExtractor:
         missing = []
         while not os.path.isdir(parent):
             if os.path.lexists(parent):
+                if os.path.isdir(parent):
+                    break  # made just now by a worker extracting another volume of the stream
                 raise UnsafeMember(f"{self.what}: {path!r} needs a directory where the tar put a file: {parent!r}")
             missing.append(parent)
             parent = os.path.dirname(parent)

@@ -18,6 +18,7 @@ from cloudbk.backup.tarextract import SafeExtractor
 from cloudbk.backup.volumes import (
     Counter,
     VolumeJob,
+    VolumePlan,
     check_volume_size,
     plan_stream,
     write_volumes,
@@ -224,3 +225,30 @@ def test_restore_hashes_a_volume_once(compression: str) -> None:
     source = open_object(storage, "k/v", TAR, "v", stored.size + 1, stored.sha256, trust_codec=True)
     with source, pytest.raises(IntegrityError, match="1000 bytes"):
         source.finish()
+
+
+def test_volumes_extracted_at_once_share_the_directories_they_create(tmp_path: Path) -> None:
+    """Workers extracting volumes of one stream at the same time create the same parent directories."""
+    src = tmp_path / "src"
+    entries = [_file(src, f"PG_15_1/5/{n}", 8192 * (1 + n % 3)) for n in range(24)]
+    storage = MemoryStorage()
+    job = VolumeJob(storage, "main", BID, "zstd", 0, Counter(NoProgress()))
+    plans = plan_stream("16385", entries, MiB)
+    plans = [p for plan in plans for p in plan_stream("16385", [i.entry for i in plan.items], 8192 * 3)]
+    plans = [VolumePlan("16385", n, p.items) for n, p in enumerate(plans, 1)]
+    volumes = [v for v, _ in write_volumes(job, plans, jobs=4).values()]
+    assert len(volumes) > 8
+    for attempt in range(5):
+        dest = tmp_path / f"dest{attempt}"
+        dest.mkdir()
+        barrier = threading.Barrier(len(volumes))
+
+        def extract(volume: VolumeEntry, dest: Path = dest, barrier: threading.Barrier = barrier) -> int:
+            key = layout.backup_object_key("main", BID, volume.name)
+            with open_object(storage, key, TAR, volume.name, volume.size, volume.sha256) as source:
+                barrier.wait()
+                result, _, _ = SafeExtractor(str(dest), {f.path: f for f in volume.files}).extract(source)
+            return len(result.files)
+
+        assert sum(run_parallel(extract, volumes, len(volumes), threading.Event(), "t")) == len(entries)
+        assert sorted(p.name for p in (dest / "PG_15_1" / "5").iterdir()) == sorted(str(n) for n in range(24))
