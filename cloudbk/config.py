@@ -10,6 +10,7 @@
 | pgdata         | --pgdata           | PGDATA                                       | pgdata          |
 | retry_deadline | --retry-deadline   | CLOUDBK_RETRY_DEADLINE                       | retry_deadline  |
 | push_ahead     | --push-ahead       | CLOUDBK_PUSH_AHEAD                           | push_ahead      |
+| prefetch       | --prefetch         | CLOUDBK_PREFETCH                             | prefetch        |
 | config file    | --config           | CLOUDBK_CONFIG                               |                 |
 
 The lifecycle commands (retention, delete, keep, check) read two tables the same way, flags > env > file:
@@ -49,7 +50,10 @@ if TYPE_CHECKING:
 DEFAULT_SERVER = "main"
 WAL_RETRY_DEADLINE = 60.0
 DEFAULT_PUSH_AHEAD = 8  # files the push-ahead worker uploads at once (cloudbk.wal.ahead); 0 turns it off
-_SCALARS = ("repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline", "push_ahead")
+DEFAULT_PREFETCH = 8  # segments the prefetcher keeps ready for restore_command (cloudbk.wal.prefetch); 0: off
+_SCALARS = (
+    "repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline", "push_ahead", "prefetch"
+)  # fmt: skip
 _ENV = {
     "repo": ("CLOUDBK_REPO",),
     "server": ("CLOUDBK_SERVER",),
@@ -58,6 +62,7 @@ _ENV = {
     "pgdata": ("PGDATA",),
     "retry_deadline": ("CLOUDBK_RETRY_DEADLINE",),
     "push_ahead": ("CLOUDBK_PUSH_AHEAD",),
+    "prefetch": ("CLOUDBK_PREFETCH",),
 }
 RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
 CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy")
@@ -75,6 +80,7 @@ class Settings:
     pgdata: str | None = None
     retry_deadline: float | None = None
     push_ahead: int = DEFAULT_PUSH_AHEAD
+    prefetch: int = DEFAULT_PREFETCH
     verbose: bool = False
     config_file: str | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -171,6 +177,10 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         settings.push_ahead = _int(values["push_ahead"], "push-ahead window (--push-ahead, CLOUDBK_PUSH_AHEAD)")
         if settings.push_ahead < 0:
             raise UsageError("the push-ahead window must be 0 (off) or more files")
+    if "prefetch" in values:
+        settings.prefetch = _int(values["prefetch"], "prefetch window (--prefetch, CLOUDBK_PREFETCH)")
+        if settings.prefetch < 0:
+            raise UsageError("the prefetch window must be 0 (off) or more segments")
     return settings
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 
 from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 _warn_beyond_reach(plan)
             else:
                 check_complete(plan)  # after the plan is printed, so the refusal has its context
+            options.on_extract = _prefetch_hook(settings, repo, plan, manifest, options)
             result = restore(storage, settings.server, plan, manifest, options, ConsoleProgress())
         finally:
             storage.close()
@@ -147,6 +149,51 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "(or run restore as the server's OS user)", result.dest)  # fmt: skip
     print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
     return 0
+
+
+def _prefetch_hook(
+    settings: Settings, repo: str, plan: object, manifest: object, options: object
+) -> Callable[[str, tuple[int, int] | None], None]:
+    """What restore does once DEST exists: record this restore's id in it (the prefetch spool's generation,
+    docs/wal.md) and start filling the spool with the plan's first segments while the base backup extracts."""
+    from cloudbk.backup.restore import RestoreOptions
+    from cloudbk.pg.walnames import segment_name
+    from cloudbk.repo.manifest import Manifest
+    from cloudbk.repo.pitr import RecoveryPlan
+
+    assert isinstance(plan, RecoveryPlan) and isinstance(manifest, Manifest) and isinstance(options, RestoreOptions)
+
+    def start(dest: str, owner: tuple[int, int] | None) -> None:
+        import uuid
+
+        from cloudbk.wal import prefetch, spool
+
+        path = os.path.join(dest, spool.RESTORE_ID_FILE)
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(f"{uuid.uuid4().hex} {manifest.id}\n")
+            if owner is not None:
+                os.chown(path, *owner)
+        except OSError as exc:
+            log.warning("cannot write %s (%s): a prefetch spool is then tied to the data directory alone", path, exc)
+        if not plan.stretches or options.link_all or "pg_wal" in options.link_map:
+            return  # pg_wal comes from a link the tar makes: its spool fills once the server asks
+        first = plan.stretches[0]
+        flags = {"repo": repo, "server": settings.server, "endpoint_url": None}
+        if settings.endpoint_url:
+            flags["endpoint_url"] = strip_userinfo(settings.endpoint_url)
+        try:
+            pid = prefetch.start_for_restore(
+                dest, owner, flags, settings, segment_name(first.timeline, first.first, plan.segment_size),
+                plan.target_timeline, manifest.system_identifier, plan.segment_size,
+            )  # fmt: skip
+        except OSError as exc:
+            log.warning("WAL prefetch not started (%s); the server fetches each segment when it asks", exc)
+            return
+        if pid is not None:
+            log.info("prefetching the first WAL segments into %s/pg_wal while the backup is extracted", dest)
+
+    return start
 
 
 def _warn_beyond_reach(plan: object) -> None:
