@@ -201,21 +201,19 @@ class Prefetcher:
         return entries & keep
 
     def start(self, pool: ThreadPoolExecutor, wanted: list[str], entries: set[str]) -> bool:
-        """Start downloads of wanted names not spooled yet; whether anything is left to do."""
+        """Start downloads of wanted names not spooled yet (within the window); whether it started any. A name
+        that failed waits for its retry time; a full window waits for PostgreSQL: neither keeps us alive."""
         busy = set(self.inflight.values())
         now = time.monotonic()
-        pending = False
+        started = False
         for name in wanted:
-            if name in entries or name in busy:
-                continue
-            if now < self.retry_at.get(name, 0.0):
-                pending = True
+            if name in entries or name in busy or now < self.retry_at.get(name, 0.0):
                 continue
             if len(entries) + len(self.inflight) >= self.window:
-                return True
+                break
             self.inflight[pool.submit(self.download, name)] = name
-            pending = True
-        return pending
+            started = True
+        return started
 
     def download(self, name: str) -> Downloaded:
         """One verified entry: see the module docstring. Nothing under ``name`` is visible before the rename."""
@@ -245,12 +243,15 @@ class Prefetcher:
             marker.remove(entry + spool.BUSY)
         return Downloaded(name, stored.sha256, stored.size)
 
-    def collect(self) -> None:
+    def collect(self) -> int:
+        """Collect finished downloads; how many entries arrived."""
         done, _ = wait(list(self.inflight), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+        arrived = 0
         for future in done:
             name = self.inflight.pop(future)
             try:
                 result = future.result()
+                arrived += 1
                 log.debug("%s: spooled (sha256 %s)", name, result.sha256[:16])
             except NotFound:
                 segno = parse_wal_name(name).segno(self.segment_size)
@@ -268,30 +269,33 @@ class Prefetcher:
             except Exception as exc:
                 self.retry_at[name] = time.monotonic() + ERROR_RETRY_SECONDS
                 log.exception("%s: unexpected error: %r", name, exc)
+        return arrived
 
     def run(self) -> None:
+        """The loop of the module docstring. Idle means: PostgreSQL has not moved and no download has come
+        in for :data:`IDLE_EXIT_SECONDS` (retries of absent or failing segments do not count)."""
         self.purge()
         idle_since = time.monotonic()
+        last: Position | None = None
         with ThreadPoolExecutor(self.window, thread_name_prefix="prefetch") as pool:
             while True:
                 if self.outside_recovery():
                     self.remove_spool()
                     return
                 position = self.position()
-                pending = False
                 if position is not None:
                     self.refresh_path(position)
                     wanted = self.wanted(position)
-                    entries = self.evict(position, wanted, self.entries())
-                    pending = self.start(pool, wanted, entries)
+                    self.start(pool, wanted, self.evict(position, wanted, self.entries()))
                 if self.inflight:
-                    self.collect()
+                    arrived = self.collect()
                 else:
+                    arrived = 0
                     time.sleep(POLL_SECONDS)
                 now = time.monotonic()
-                if pending or self.inflight:
-                    idle_since = now
-                elif now - idle_since >= IDLE_EXIT_SECONDS:
+                if arrived or position != last:
+                    idle_since, last = now, position
+                if not self.inflight and now - idle_since >= IDLE_EXIT_SECONDS:
                     return
 
     def remove_spool(self) -> None:
