@@ -176,8 +176,9 @@ def _prefetch_hook(
                 os.chown(path, *owner)
         except OSError as exc:
             log.warning("cannot write %s (%s): a prefetch spool is then tied to the data directory alone", path, exc)
-        if not plan.stretches or options.link_all or "pg_wal" in options.link_map:
-            return  # pg_wal comes from a link the tar makes: its spool fills once the server asks
+        base = next((t for t in manifest.tars if t.tablespace_oid is None), None)
+        if not plan.stretches or base is None or base.links is None or options.link_all or options.link_map:
+            return  # pg_wal may come as a link (an older backup's tar member, or asked for): made by the tar
         first = plan.stretches[0]
         flags = {"repo": repo, "server": settings.server, "endpoint_url": None}
         if settings.endpoint_url:

@@ -54,8 +54,16 @@ def hit(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
 
 
 def launch() -> None:
-    """The ``cloudbk-wal-fetch`` launcher's Python half: the hit path, else the full command with ``site``."""
-    if hit(sys.argv[1:], os.environ):
+    """The ``cloudbk-wal-fetch`` launcher's Python half: the hit path, else the full command with ``site``.
+
+    An error on the hit path must never end the process: an uncaught exception exits 1, which PostgreSQL reads
+    as "not in the archive" (it may end recovery there). The full command runs instead and answers."""
+    try:
+        served = hit(sys.argv[1:], os.environ)
+    except Exception as exc:
+        sys.stderr.write(f"cloudbk wal-fetch: WARNING: prefetch spool not used: {exc!r}\n")
+        served = False
+    if served:
         sys.exit(0)
     import site
 

@@ -91,6 +91,7 @@ class Prefetcher:
     inflight: dict[Future[Downloaded], str] = field(default_factory=dict)
     absent: int | None = None  # the first segment the archive did not have
     retry_at: dict[str, float] = field(default_factory=dict)
+    last_position: Position | None = None
 
     # -- the spool on disk ----------------------------------------------------------------------------------
 
@@ -123,20 +124,17 @@ class Prefetcher:
         return not spool.in_recovery(self.datadir)
 
     def position(self) -> Position | None:
+        """From ``want``; a history file or other name asked for leaves the last segment's position."""
         text = marker.read_text(os.path.join(self.sdir, spool.WANT))
-        if not text:
-            return None
         try:
-            wal = parse_wal_name(text.strip())
+            wal = parse_wal_name(text.strip()) if text else None
         except CloudbkError:
-            return None
-        if wal.kind == HISTORY:
-            if self.path is not None and wal.timeline > self.path.target:
-                self.path_at = -REFRESH_SECONDS  # PostgreSQL looks for a newer timeline: so do we
-            return None
-        if wal.kind != SEGMENT:
-            return None
-        return Position(wal.segno(self.segment_size), wal.timeline)
+            wal = None
+        if wal is not None and wal.kind == HISTORY and self.path is not None and wal.timeline > self.path.target:
+            self.path_at = -REFRESH_SECONDS  # PostgreSQL looks for a newer timeline: so do we
+        if wal is not None and wal.kind == SEGMENT:
+            self.last_position = Position(wal.segno(self.segment_size), wal.timeline)
+        return self.last_position
 
     # -- the timeline path ----------------------------------------------------------------------------------
 

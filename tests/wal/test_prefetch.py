@@ -282,3 +282,26 @@ def test_the_target_timeline_setting_is_read_as_postgresql_reads_it() -> None:
     assert target_timeline_setting(str(datadir)) == "current"
     (datadir / "postgresql.auto.conf").write_text("# a comment\nrecovery_target_timeline = '2'\n")
     assert target_timeline_setting(str(datadir)) == "2"
+
+
+def test_an_error_on_the_hit_path_falls_through_to_the_fetch(file_backend: Backend) -> None:
+    stored = archive_segments(file_backend, 1, range(1, 3))
+    recovery = Recovery.make("prefetch-boom", cloudbk_env(file_backend, CLOUDBK_PREFETCH="0"))
+    probe = (
+        "import sys; sys.path.append(sys.argv[1]); import cloudbk.wal.spool as s\n"
+        "def boom(*args): raise RuntimeError('boom')\n"
+        "s.serve = boom; sys.argv = ['cloudbk-wal-fetch', sys.argv[2], 'pg_wal/RECOVERYXLOG']\n"
+        "from cloudbk.wal.fastfetch import launch; launch()\n"
+    )
+    env = {**os.environ, **recovery.env}
+    del env["CLOUDBK_PREFETCH"]
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(Path(__file__).resolve().parents[2]), segment(1, 1)],
+        cwd=recovery.datadir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    # an uncaught exception would exit 1: "not in the archive" to PostgreSQL
+    assert proc.returncode == 0 and "prefetch spool not used: RuntimeError('boom')" in proc.stderr, proc.stderr
+    assert (recovery.datadir / "pg_wal" / "RECOVERYXLOG").read_bytes() == stored[segment(1, 1)]
