@@ -64,7 +64,8 @@ def launch() -> None:
         sys.stderr.write(f"cloudbk wal-fetch: WARNING: prefetch spool not used: {exc!r}\n")
         served = False
     if served:
-        sys.exit(0)
+        sys.stderr.flush()
+        os._exit(0)  # nothing else to flush: skip the interpreter's teardown, it is part of PostgreSQL's wait
     import site
 
     site.main()
