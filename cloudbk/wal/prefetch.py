@@ -103,7 +103,7 @@ class Prefetcher:
         and every entry that is not a vouched-for entry of the current generation."""
         for name in os.listdir(self.sdir):
             path = os.path.join(self.sdir, name)
-            half_done = spool.TMP_INFIX in name or name.endswith(spool.BUSY)
+            half_done = ".tmp" in name or name.endswith(spool.BUSY)  # ours, and notes a killed call left
             if half_done or (name.endswith(spool.OK) and not os.path.exists(path[: -len(spool.OK)])):
                 marker.remove(path)
         for name in self.entries():

@@ -22,8 +22,8 @@ import pytest
 from aheadhelpers import Reaper
 from backends import Backend, selected, unique_prefix
 from pgcluster import BIN_DIR, new_dir
-from prefetchhelpers import Recovery, archive_segments, corrupt_object, segment
-from walhelpers import cloudbk_env
+from prefetchhelpers import Recovery, archive_file, archive_segments, corrupt_object, segment
+from walhelpers import cloudbk_env, segment_bytes
 
 from cloudbk import background
 from cloudbk.pg.walnames import HistoryEntry, parse_lsn
@@ -158,7 +158,7 @@ def test_a_spool_from_another_restore_is_never_served(file_backend: Backend, rea
 
 
 def test_kill_9_of_the_prefetcher_never_serves_a_partial_entry(replay_backend: Backend, reaper: Reaper) -> None:
-    count = 40
+    count = 30
     stored = archive_segments(replay_backend, 1, range(1, count + 1), payload=4 * MiB)
     recovery = Recovery.make("prefetch-kill", cloudbk_env(replay_backend, CLOUDBK_RETRY_DEADLINE="30"))
     results: list[tuple[str, int, bool]] = []
@@ -173,7 +173,7 @@ def test_kill_9_of_the_prefetcher_never_serves_a_partial_entry(replay_backend: B
     rng = random.Random(11)
     killed: list[int] = []
     try:
-        while thread.is_alive() and len(killed) < 12:
+        while thread.is_alive() and len(killed) < 8:
             time.sleep(rng.uniform(0.05, 0.4))
             sdir = str(recovery.spool_dir())
             pid = background.worker_pid(sdir)
@@ -312,3 +312,17 @@ def test_an_error_on_the_hit_path_falls_through_to_the_fetch(file_backend: Backe
     # an uncaught exception would exit 1: "not in the archive" to PostgreSQL
     assert proc.returncode == 0 and "prefetch spool not used: RuntimeError('boom')" in proc.stderr, proc.stderr
     assert (recovery.datadir / "pg_wal" / "RECOVERYXLOG").read_bytes() == stored[segment(1, 1)]
+
+
+def test_a_partial_is_never_spooled_for_a_full_name(file_backend: Backend, reaper: Reaper) -> None:
+    stored = archive_segments(file_backend, 1, [1, 2, 4])
+    archive_file(file_backend, segment(1, 3) + ".partial", segment_bytes(1, 3))
+    recovery = Recovery.make("prefetch-partial", cloudbk_env(file_backend))
+    assert recovery.call(segment(1, 1)).returncode == 0
+    recovery.wait_for_entries([segment(1, 2)])
+    assert _worker_exit(recovery, reaper) == 0, recovery.worker_log()
+    assert recovery.entries() == {segment(1, 2)}  # nothing for 3, and nothing past the first absent segment
+    assert recovery.call(segment(1, 2)).served
+    end = recovery.call(segment(1, 3))
+    assert end.returncode == 1 and not end.served and "is not in the archive" in end.stderr, end.stderr
+    assert stored[segment(1, 4)]  # it exists, after the end PostgreSQL is told about

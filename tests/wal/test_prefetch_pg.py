@@ -85,8 +85,11 @@ def _spool_gone(cluster: PgCluster, env: dict[str, str]) -> None:
 
 
 def _kill_once(cluster: PgCluster, killed: list[int], stop: threading.Event) -> None:
-    """SIGKILL the prefetcher once, while it works (a lock held and a download under way)."""
+    """SIGKILL the prefetcher once, while it works (a lock held and a download under way), after the server
+    has been served its first segment from what restore spooled."""
     root = cluster.datadir / "pg_wal" / spool.STATE_DIR
+    while not stop.is_set() and not SERVED.search(_log(cluster)):
+        time.sleep(0.01)
     while not stop.is_set() and not killed:
         for sdir in root.glob("*") if root.exists() else []:
             pid = background.worker_pid(str(sdir))
