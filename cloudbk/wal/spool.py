@@ -42,6 +42,7 @@ TMP_INFIX = ".tmp-"
 RESTORE_ID_FILE = "cloudbk_restore_id"  # in the data directory, written by `cloudbk restore`
 SIGNALS = ("standby.signal", "recovery.signal")
 DEFAULT_WAIT = 60.0  # seconds: the WAL commands' default retry deadline (cloudbk.config.WAL_RETRY_DEADLINE)
+_waited = False  # a call waits for the prefetcher once: the hit path and the full command share this process
 _HEX = frozenset("0123456789ABCDEF")
 
 
@@ -198,8 +199,8 @@ def serve(name: str, dest: str, flags: Mapping[str, object], environ: Mapping[st
     """Serve ``name`` into ``dest`` from the spool: its SHA-256 when served, else None (fetch it as usual).
 
     Waits for an entry the prefetcher is downloading (``NAME.busy``) while the prefetcher lives, up to the
-    retry deadline. Removes the spools of a server that runs outside recovery, and entries of another
-    generation."""
+    retry deadline, once per process (the full command does not wait again after the hit path gave up).
+    Removes the spools of a server that runs outside recovery, and entries of another generation."""
     datadir = data_directory(dest)
     if datadir is None or not is_segment_name(name):
         return None
@@ -217,7 +218,10 @@ def serve(name: str, dest: str, flags: Mapping[str, object], environ: Mapping[st
     deadline_value = flags.get("retry_deadline") or environ.get("CLOUDBK_RETRY_DEADLINE")
     from cloudbk.wal.fastargs import seconds
 
-    give_up = time.monotonic() + seconds(str(deadline_value) if deadline_value else None, DEFAULT_WAIT)
+    global _waited
+    wait = 0.0 if _waited else seconds(str(deadline_value) if deadline_value else None, DEFAULT_WAIT)
+    _waited = True
+    give_up = time.monotonic() + wait
     pause = 0.002
     while True:
         sha256 = take(sdir, name, dest, gen)
