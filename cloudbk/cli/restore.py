@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
     )
+    parser.add_argument(
+        "--prefetch", metavar="N",
+        help="WAL segments prefetched while the backup extracts and during recovery (default 8, env "
+        "CLOUDBK_PREFETCH); given, it is written into restore_command too; 0 turns prefetch off",
+    )  # fmt: skip
 
 
 def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = "OLD=NEW") -> dict[str, str]:
@@ -79,7 +84,7 @@ def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = 
     return mapping
 
 
-def restore_command(settings: Settings, repo: str) -> str:
+def restore_command(settings: Settings, repo: str, prefetch: str | None = None) -> str:
     """``cloudbk-wal-fetch`` with the repository settings, by absolute path (the server's PATH may lack it)."""
     here = os.path.dirname(os.path.abspath(sys.argv[0]))
     candidates = [
@@ -90,6 +95,8 @@ def restore_command(settings: Settings, repo: str) -> str:
     argv = [fetch, "--repo", repo, "--server", settings.server]
     if settings.endpoint_url:
         argv += ["--endpoint-url", strip_userinfo(settings.endpoint_url)]  # never user:password@
+    if prefetch is not None:
+        argv += ["--prefetch", str(settings.prefetch)]
     return " ".join(shlex.quote(a) for a in argv) + " %f %p"
 
 
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         check_backup_id(args.backup)
     options = RestoreOptions(
         dest=args.dest,
-        restore_command=restore_command(settings, repo),
+        restore_command=restore_command(settings, repo, args.prefetch),
         target=target,
         backup_id=args.backup,
         target_action=args.target_action,

@@ -326,3 +326,12 @@ def test_a_partial_is_never_spooled_for_a_full_name(file_backend: Backend, reape
     end = recovery.call(segment(1, 3))
     assert end.returncode == 1 and not end.served and "is not in the archive" in end.stderr, end.stderr
     assert stored[segment(1, 4)]  # it exists, after the end PostgreSQL is told about
+
+
+def test_restore_writes_an_explicit_prefetch_into_restore_command() -> None:
+    from cloudbk.cli.restore import restore_command
+    from cloudbk.config import resolve
+
+    settings = resolve({"repo": "file:///r", "prefetch": "0"}, environ={})
+    assert restore_command(settings, "file:///r", "0").endswith(" --prefetch 0 %f %p")
+    assert "--prefetch" not in restore_command(resolve({"repo": "file:///r"}, environ={}), "file:///r")
