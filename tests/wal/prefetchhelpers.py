@@ -4,7 +4,9 @@ synthetic segments to replay from."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,22 +27,41 @@ from cloudbk.wal.push import index_change, stage_wal
 
 SERVED = "served from the prefetch spool"
 RECOVERYXLOG = "pg_wal/RECOVERYXLOG"
+_MADE: list[Path] = []
 
 
-def archive_segments(backend: Backend, timeline: int, segnos: Iterable[int], **kwargs: object) -> dict[str, bytes]:
-    """Push synthetic segments into ``backend`` (server main, indexed); their names and content."""
+def scratch(tag: str) -> Path:
+    """A directory owned by the PostgreSQL user, removed by :func:`remove_scratch` (segments are 16 MiB each)."""
+    path = new_dir(tag)
+    _MADE.append(path)
+    return path
+
+
+def remove_scratch() -> None:
+    while _MADE:
+        shutil.rmtree(_MADE.pop(), ignore_errors=True)
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def archive_segments(backend: Backend, timeline: int, segnos: Iterable[int], **kwargs: object) -> dict[str, str]:
+    """Push synthetic segments into ``backend`` (server main, indexed); their names and SHA-256."""
     work = new_dir("prefetch-src")
     storage = backend.open()
-    stored: dict[str, bytes] = {}
+    stored: dict[str, str] = {}
     try:
         staged = []
         for segno in segnos:
             path = write_segment(work, timeline, segno, **kwargs)
             staged.append(stage_wal(storage, "main", str(path), "zstd"))
-            stored[path.name] = path.read_bytes()
+            stored[path.name] = sha256_of(path.read_bytes())
+            path.unlink()
         update_index(storage, "main", index_change(staged))
     finally:
         storage.close()
+        shutil.rmtree(work, ignore_errors=True)
     return stored
 
 
@@ -52,6 +73,7 @@ def archive_file(backend: Backend, name: str, data: bytes) -> None:
         update_index(storage, "main", index_change([staged]))
     finally:
         storage.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def corrupt_object(backend: Backend, name: str) -> None:
@@ -68,7 +90,7 @@ class Call:
     name: str
     returncode: int
     stderr: str
-    data: bytes | None
+    sha256: str | None  # of what the call left in %p
     seconds: float
 
     @property
@@ -86,7 +108,7 @@ class Recovery:
 
     @classmethod
     def make(cls, tag: str, env: Mapping[str, str], sysid: int = SYSID, restore_id: str | None = None) -> Recovery:
-        datadir = new_dir(tag) / "data"
+        datadir = scratch(tag) / "data"
         (datadir / "pg_wal" / "archive_status").mkdir(parents=True)
         (datadir / "global").mkdir()
         (datadir / "global" / "pg_control").write_bytes(sysid.to_bytes(8, sys.byteorder) + bytes(8184))
@@ -108,10 +130,10 @@ class Recovery:
             timeout=300,
         )
         seconds = time.monotonic() - start
-        data = dest.read_bytes() if proc.returncode == 0 and dest.exists() else None
+        digest = sha256_of(dest.read_bytes()) if proc.returncode == 0 and dest.exists() else None
         if dest.exists():
             dest.unlink()  # PostgreSQL removes it once it has read it
-        call = Call(name, proc.returncode, proc.stderr, data, seconds)
+        call = Call(name, proc.returncode, proc.stderr, digest, seconds)
         self.calls.append(call)
         return call
 

@@ -21,8 +21,17 @@ from pathlib import Path
 import pytest
 from aheadhelpers import Reaper
 from backends import Backend, selected, unique_prefix
-from pgcluster import BIN_DIR, new_dir
-from prefetchhelpers import Recovery, archive_file, archive_segments, corrupt_object, segment
+from pgcluster import BIN_DIR
+from prefetchhelpers import (
+    Recovery,
+    archive_file,
+    archive_segments,
+    corrupt_object,
+    remove_scratch,
+    scratch,
+    segment,
+    sha256_of,
+)
 from walhelpers import cloudbk_env, segment_bytes
 
 from cloudbk import background
@@ -34,9 +43,15 @@ REPLAY_BACKENDS = ("file", "s3-seaweedfs")
 MiB = 1024 * 1024
 
 
+@pytest.fixture(autouse=True)
+def _remove_scratch() -> Iterator[None]:
+    yield
+    remove_scratch()
+
+
 def _backend(request: pytest.FixtureRequest, name: str) -> Backend:
     if name == "file":
-        return Backend(name, f"file://{new_dir('prefetchrepo')}")
+        return Backend(name, f"file://{scratch('prefetchrepo')}")
     service = request.getfixturevalue(f"{name.replace('-', '_')}_service")
     backend: Backend = service.make(unique_prefix("prefetch"))
     return backend
@@ -49,7 +64,7 @@ def replay_backend(request: pytest.FixtureRequest) -> Backend:
 
 @pytest.fixture
 def file_backend() -> Backend:
-    return Backend("file", f"file://{new_dir('prefetchrepo')}")
+    return Backend("file", f"file://{scratch('prefetchrepo')}")
 
 
 @pytest.fixture
@@ -70,7 +85,7 @@ def test_replayed_recovery_is_served_from_the_spool_within_its_bound(replay_back
     most = 0
     for segno in range(1, 25):
         call = recovery.call(segment(1, segno))
-        assert call.returncode == 0 and call.data == stored[call.name], call.stderr
+        assert call.returncode == 0 and call.sha256 == stored[call.name], call.stderr
         most = max(most, len(recovery.entries()))
         time.sleep(0.05)  # PostgreSQL replays the segment
     end = recovery.call(segment(1, 25))
@@ -97,7 +112,7 @@ def test_a_corrupt_object_is_never_spooled_and_the_call_reports_it(file_backend:
     assert not [n for n in os.listdir(recovery.spool_dir()) if spool.TMP_INFIX in n]
     for segno in (2, 3):
         call = recovery.call(segment(1, segno))
-        assert call.served and call.data == stored[call.name]
+        assert call.served and call.sha256 == stored[call.name]
     bad = recovery.call(segment(1, 4))
     assert bad.returncode == 126 and "corrupt" in bad.stderr and not bad.served, bad.stderr
     assert _worker_exit(recovery, reaper) == 0, recovery.worker_log()
@@ -136,7 +151,7 @@ def test_a_spool_from_another_restore_is_never_served(file_backend: Backend, rea
     shutil.copytree(first.datadir, copy, symlinks=True)
     copied = Recovery(copy, dict(env))
     call = copied.call(segment(1, 3))
-    assert call.returncode == 0 and not call.served and call.data == stored[call.name], call.stderr
+    assert call.returncode == 0 and not call.served and call.sha256 == stored[call.name], call.stderr
 
     # the spool moved (same inodes) into the data directory of another restore of the same system
     other = Recovery.make("prefetch-gen-b", env, restore_id="restore-b")
@@ -145,9 +160,9 @@ def test_a_spool_from_another_restore_is_never_served(file_backend: Backend, rea
     os.rename(sdir, target)
     assert {segment(1, n) for n in range(3, 8)} <= other.entries()
     call = other.call(segment(1, 3))
-    assert call.returncode == 0 and not call.served and call.data == stored[call.name], call.stderr
+    assert call.returncode == 0 and not call.served and call.sha256 == stored[call.name], call.stderr
     call = other.call(segment(1, 4))  # it may come from an entry B's own prefetcher made meanwhile
-    assert call.returncode == 0 and call.data == stored[call.name], call.stderr
+    assert call.returncode == 0 and call.sha256 == stored[call.name], call.stderr
     # every entry of the first restore is gone (the call drops the one asked for, B's prefetcher the others)
     other.wait_idle()
     ours = spool.generation(str(other.datadir), ident)
@@ -166,7 +181,7 @@ def test_kill_9_of_the_prefetcher_never_serves_a_partial_entry(replay_backend: B
     def replay() -> None:
         for segno in range(1, count + 1):
             call = recovery.call(segment(1, segno))
-            results.append((call.name, call.returncode, call.data == stored.get(call.name)))
+            results.append((call.name, call.returncode, call.sha256 == stored.get(call.name)))
 
     thread = threading.Thread(target=replay)
     thread.start()
@@ -195,7 +210,7 @@ def test_prefetch_0_turns_it_off(file_backend: Backend) -> None:
     recovery = Recovery.make("prefetch-off", cloudbk_env(file_backend, CLOUDBK_PREFETCH="0"))
     for segno in range(1, 4):
         call = recovery.call(segment(1, segno))
-        assert call.returncode == 0 and not call.served and call.data == stored[call.name]
+        assert call.returncode == 0 and not call.served and call.sha256 == stored[call.name]
     assert not (recovery.datadir / "pg_wal" / spool.STATE_DIR).exists()
 
 
@@ -283,7 +298,7 @@ def test_the_path_follows_the_target_timelines_history_only() -> None:
 
 
 def test_the_target_timeline_setting_is_read_as_postgresql_reads_it() -> None:
-    datadir = new_dir("prefetch-conf")
+    datadir = scratch("prefetch-conf")
     assert target_timeline_setting(str(datadir)) == "latest"
     (datadir / "postgresql.conf").write_text("recovery_target_timeline = 'current'  # x\n")
     assert target_timeline_setting(str(datadir)) == "current"
@@ -311,7 +326,7 @@ def test_an_error_on_the_hit_path_falls_through_to_the_fetch(file_backend: Backe
     )
     # an uncaught exception would exit 1: "not in the archive" to PostgreSQL
     assert proc.returncode == 0 and "prefetch spool not used: RuntimeError('boom')" in proc.stderr, proc.stderr
-    assert (recovery.datadir / "pg_wal" / "RECOVERYXLOG").read_bytes() == stored[segment(1, 1)]
+    assert sha256_of((recovery.datadir / "pg_wal" / "RECOVERYXLOG").read_bytes()) == stored[segment(1, 1)]
 
 
 def test_a_partial_is_never_spooled_for_a_full_name(file_backend: Backend, reaper: Reaper) -> None:

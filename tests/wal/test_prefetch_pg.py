@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -143,7 +144,8 @@ def test_pitr_restore_with_prefetch_replays_every_segment(pitr_backend: Backend)
 
 
 def test_restores_across_a_timeline_switch_replay_their_own_timeline() -> None:
-    backend = Backend("file", f"file://{new_dir('prefetch-tli-repo')}")
+    repo = new_dir("prefetch-tli-repo")
+    backend = Backend("file", f"file://{repo}")
     env = cloudbk_env(backend, CLOUDBK_RETRY_DEADLINE="30")
     primary = _primary(env, "prefetch-tli")
     try:
@@ -189,3 +191,4 @@ def test_restores_across_a_timeline_switch_replay_their_own_timeline() -> None:
             _spool_gone(cluster, env)
         finally:
             cluster.destroy()
+    shutil.rmtree(repo, ignore_errors=True)
