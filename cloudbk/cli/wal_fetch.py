@@ -17,6 +17,10 @@ any other error (config, local disk)  126                 its code (3/4)  its co
 working directory PostgreSQL runs restore_command in. 126 is above 125, so PostgreSQL raises FATAL and stops
 instead of promoting (xlogarchive.c, RestoreArchivedFile); it is not 143, which reads as SIGTERM. A standby
 treats any other nonzero exit as "not available yet" and retries after ``wal_retrieve_retry_interval``.
+
+In recovery a call first looks in the prefetch spool (docs/wal.md, "Prefetch"): the exact name, verified, of
+this recovery's generation, is 0; anything about the spool — a miss, an error, a dead prefetcher — only means
+the fetch below runs, and its outcome is the exit code.
 """
 
 from __future__ import annotations
