@@ -10,6 +10,8 @@
 | pgdata         | --pgdata           | PGDATA                                       | pgdata          |
 | retry_deadline | --retry-deadline   | CLOUDBK_RETRY_DEADLINE                       | retry_deadline  |
 | push_ahead     | --push-ahead       | CLOUDBK_PUSH_AHEAD                           | push_ahead      |
+| jobs           | --jobs             | CLOUDBK_JOBS                                 | jobs            |
+| volume_size    | --volume-size      | CLOUDBK_VOLUME_SIZE                          | volume_size     |
 | prefetch       | --prefetch         | CLOUDBK_PREFETCH                             | prefetch        |
 | config file    | --config           | CLOUDBK_CONFIG                               |                 |
 
@@ -52,7 +54,8 @@ WAL_RETRY_DEADLINE = 60.0
 DEFAULT_PUSH_AHEAD = 8  # files the push-ahead worker uploads at once (cloudbk.wal.ahead); 0 turns it off
 DEFAULT_PREFETCH = 8  # segments the prefetcher keeps ready for restore_command (cloudbk.wal.prefetch); 0: off
 _SCALARS = (
-    "repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline", "push_ahead", "prefetch"
+    "repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline", "jobs", "volume_size",
+    "push_ahead", "prefetch",
 )  # fmt: skip
 _ENV = {
     "repo": ("CLOUDBK_REPO",),
@@ -62,8 +65,11 @@ _ENV = {
     "pgdata": ("PGDATA",),
     "retry_deadline": ("CLOUDBK_RETRY_DEADLINE",),
     "push_ahead": ("CLOUDBK_PUSH_AHEAD",),
+    "jobs": ("CLOUDBK_JOBS",),
+    "volume_size": ("CLOUDBK_VOLUME_SIZE",),
     "prefetch": ("CLOUDBK_PREFETCH",),
 }
+_SIZE_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
 CHECK_KEYS = ("max_backup_age", "max_wal_lag", "minimum_redundancy")
 _SECTION_ENV_PREFIX = {"retention": "CLOUDBK_RETENTION_", "check": "CLOUDBK_CHECK_"}
@@ -80,6 +86,10 @@ class Settings:
     pgdata: str | None = None
     retry_deadline: float | None = None
     push_ahead: int = DEFAULT_PUSH_AHEAD
+    #: volumes in flight in backup-push and restore; None: the use case's default
+    jobs: int | None = None
+    #: bytes of file content per backup volume; None: the use case's default
+    volume_size: int | None = None
     prefetch: int = DEFAULT_PREFETCH
     verbose: bool = False
     config_file: str | None = None
@@ -177,11 +187,27 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         settings.push_ahead = _int(values["push_ahead"], "push-ahead window (--push-ahead, CLOUDBK_PUSH_AHEAD)")
         if settings.push_ahead < 0:
             raise UsageError("the push-ahead window must be 0 (off) or more files")
+    if "jobs" in values:
+        settings.jobs = _int(values["jobs"], "jobs")
+        if settings.jobs < 1:
+            raise UsageError(f"jobs {settings.jobs} must be at least 1")
+    if "volume_size" in values:
+        settings.volume_size = parse_size(values["volume_size"], "volume size")
     if "prefetch" in values:
         settings.prefetch = _int(values["prefetch"], "prefetch window (--prefetch, CLOUDBK_PREFETCH)")
         if settings.prefetch < 0:
             raise UsageError("the prefetch window must be 0 (off) or more segments")
     return settings
+
+
+def parse_size(value: Any, what: str) -> int:
+    """Bytes from ``value``: a whole number, optionally with a binary unit (``128MiB``, ``1G``, ``512k``)."""
+    text = str(value).strip().lower()
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(digits) :].strip()
+    if not digits.isdigit() or unit not in _SIZE_UNITS or isinstance(value, bool):
+        raise UsageError(f"{what} {value!r} is not a size (bytes, or a number with KiB, MiB or GiB)")
+    return int(digits) * _SIZE_UNITS[unit]
 
 
 # -- the lifecycle tables ([retention], [check]) ----------------------------------------------------------

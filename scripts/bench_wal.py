@@ -1,143 +1,152 @@
 #!/usr/bin/env python3
-"""WAL command benchmark: per-call wall time of ``cloudbk-wal-push`` and ``cloudbk-wal-fetch`` for real 16 MiB
-segments, next to the bare interpreter start (``python -c pass``).
+"""WAL benchmark: cloudbk's archive_command and restore_command next to pgBackRest async (and barman-cloud),
+on one S3 endpoint (SeaweedFS's S3 gateway over HTTPS on 127.0.0.1), in one run (issues 10 and 11).
 
-An archive_command runs once per segment, hundreds of times a minute on a busy server, so what matters is the
-whole process: interpreter start, imports, client set-up, the requests, compression. Each call here is a fresh
-process, exactly as PostgreSQL runs it. The segments are real: a throwaway PostgreSQL 15 cluster runs
-``pgbench -i`` and a short ``pgbench`` TPC-B run, and the most recent full segments are taken from its pg_wal.
-Services are started on 127.0.0.1 by the same code the tests use and stopped by PID.
+Phases (``--phases``, comma-separated; default ``push,hit,fetch,restore,load``):
 
-    /opt/cloudbk-venv/bin/python scripts/bench_wal.py                       # file and SeaweedFS (S3), 10 calls
-    /opt/cloudbk-venv/bin/python scripts/bench_wal.py --backends file,s3-moto,s3-seaweedfs,azure,gcs --calls 20
+- ``push``: PostgreSQL's archiver replayed. ``--segments`` real pgbench segments sit in a data directory's
+  pg_wal with ``archive_status/NAME.ready``; one call at a time (cwd = the data directory, ``%p`` =
+  ``pg_wal/NAME``), ``.ready`` renamed to ``.done`` after each exit 0. cloudbk with ``CLOUDBK_PUSH_AHEAD=0`` and
+  at its default, ``pgbackrest archive-push`` (archive-async=y, process-max=2, zstd at cloudbk's level),
+  barman-cloud-wal-archive when /opt/barman-venv has it; and the raw PUT ceiling (boto3, 8 threads, no
+  compression). Segments/s, ms per call, CPU seconds per segment of every process (detached workers too).
+- ``hit``: the per-call floor, median of ``--hit-runs`` fresh processes each: ``pgbackrest version``, the venv's
+  ``python -I -S -c pass`` and ``python -c pass``; and cloudbk's marker-hit path once push-ahead writes markers.
+- ``fetch``: PostgreSQL's recovery replayed (cwd = data directory with recovery.signal, ``%p`` =
+  ``pg_wal/RECOVERYXLOG``, each file checked and deleted): cloudbk with ``CLOUDBK_PREFETCH=0`` and at its
+  default, pgBackRest async archive-get, barman-cloud-wal-restore ``--parallel``.
+- ``restore``: a real PITR restore of a base backup plus ``--segments`` of WAL: seconds from ``cloudbk restore``
+  (prefetch 0 and default) and from ``pgbackrest restore`` to the server out of recovery.
+- ``load``: a real PostgreSQL 15 under ``pgbench -N`` for ``--load-seconds`` with each archive_command in turn:
+  largest ``.ready`` backlog, ``failed_count``, WAL MiB/s.
+- ``calls``: the older per-backend table (``--backends``, ``--calls``): cloudbk alone on every backend.
 
-Run it as root (PostgreSQL is then run as the ``postgres`` user) or as the PostgreSQL user itself.
+    /opt/cloudbk-venv/bin/python scripts/bench_wal.py --segments 16 --load-seconds 20   # a quick run
+    /opt/cloudbk-venv/bin/python scripts/bench_wal.py --json /tmp/bench-wal.json          # the full run
+    /opt/cloudbk-venv/bin/python scripts/bench_wal.py --phases calls --backends file,s3-moto,s3-seaweedfs,azure,gcs
+
+Run it as root (PostgreSQL and every archive/restore command then run as the ``postgres`` user). Needs
+``apt-get install pgbackrest``; barman-cloud is optional (a virtualenv at /opt/barman-venv with barman[cloud]
+and zstandard). Services listen on 127.0.0.1 only and are stopped by PID; everything temporary lives in one
+directory that is removed at the end. The machine's other load shows in the numbers: they are indicative.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import datetime
+import json
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from services.launch import start_backend  # noqa: E402 - needs the sys.path entries above
-
-BIN = Path(sys.executable).parent
-MiB = 1024 * 1024
-BACKENDS = ("file", "s3-moto", "s3-seaweedfs", "azure", "gcs")
-_WORK_TIME = re.compile(r" in ([0-9.]+)s$", re.MULTILINE)
+PHASES = ("push", "hit", "fetch", "restore", "load", "calls")
 
 
-def real_segments(count: int, out: Path, scale: int) -> list[Path]:
-    """``count`` full WAL segments written by a real PostgreSQL 15 under pgbench, copied into ``out``."""
-    from pgcluster import PG_BIN, PgCluster, run_as_pg
-
-    cluster = PgCluster.init("bench-wal", initdb_args=("--no-sync",))
-    cluster.configure({"wal_keep_size": "'4GB'", "max_wal_size": "'4GB'", "checkpoint_timeout": "'1h'"})
-    cluster.start()
-    try:
-        pgbench = [str(PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres"]
-        run_as_pg([*pgbench, "-i", "-q", "-s", str(scale), "postgres"])
-        cluster.sql("checkpoint")  # the TPC-B run then writes full-page images, as a real server does
-        run_as_pg([*pgbench, "-T", "10", "-c", "2", "-j", "2", "postgres"])
-        current = cluster.sql("select pg_walfile_name(pg_current_wal_lsn())")
-        wal_dir = cluster.datadir / "pg_wal"
-        names = sorted(p.name for p in wal_dir.iterdir() if re.fullmatch(r"[0-9A-F]{24}", p.name) and p.name < current)
-        if len(names) < count:
-            raise SystemExit(f"only {len(names)} full segments were written; raise --scale")
-        chosen = []
-        for name in names[-count:]:
-            shutil.copyfile(wal_dir / name, out / name)
-            chosen.append(out / name)
-        return chosen
-    finally:
-        cluster.destroy()
-
-
-def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float | None]:
-    """Wall time of one process, and the time cloudbk itself reports for its work (after start-up)."""
-    import os
-
-    start = time.perf_counter()
-    proc = subprocess.run(argv, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr}")
-    m = _WORK_TIME.search(proc.stderr)
-    return wall, float(m.group(1)) if m else None
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--phases", default="push,hit,fetch,restore,load", help=f"comma-separated, from {','.join(PHASES)}"
+    )
+    parser.add_argument("--segments", type=int, default=64, help="real 16 MiB segments replayed per tool")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench scale of the segment generator")
+    parser.add_argument("--hit-runs", type=int, default=25, help="runs of each hit-path command (≥ 20)")
+    parser.add_argument("--marker-wait", type=float, default=60, help="seconds to wait for push-ahead markers")
+    parser.add_argument("--settle", type=float, default=60, help="seconds to wait for detached workers to exit")
+    parser.add_argument("--barman-parallel", type=int, default=8, help="barman-cloud-wal-restore --parallel")
+    parser.add_argument("--no-barman", action="store_true", help="leave barman-cloud out")
+    parser.add_argument("--load-seconds", type=int, default=120, help="pgbench run per archiver")
+    parser.add_argument("--load-scale", type=int, default=50, help="pgbench -i -s for the load phase")
+    parser.add_argument("--load-clients", type=int, default=4, help="pgbench -c for the load phase")
+    parser.add_argument("--drain-seconds", type=float, default=60, help="backlog drain allowed after each load")
+    parser.add_argument("--backends", default="file,s3-seaweedfs", help="for --phases calls")
+    parser.add_argument("--calls", type=int, default=10, help="segments per backend for --phases calls")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
+    args = parser.parse_args()
+    args.phase_list = args.phases.split(",")
+    for phase in args.phase_list:
+        if phase not in PHASES:
+            parser.error(f"unknown phase {phase!r}")
+    if args.hit_runs < 20:
+        parser.error("--hit-runs must be at least 20")
+    return args
 
 
-def summary(label: str, repo: str, samples: list[tuple[float, float | None]]) -> str:
-    walls = [w * 1000 for w, _ in samples]
-    works = [w * 1000 for _, w in samples if w is not None]
-    work = f"{statistics.median(works):.0f}" if works else "-"
-    return f"| {label} | {repo} | {statistics.median(walls):.0f} | {min(walls):.0f} | {max(walls):.0f} | {work} |"
+def meta(args: argparse.Namespace) -> dict[str, Any]:
+    from cloudbk import __version__
+
+    version = "not installed"
+    if shutil.which("pgbackrest"):
+        version = subprocess.run(["pgbackrest", "version"], capture_output=True, text=True).stdout.split()[-1]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "segments": args.segments,
+        "load_seconds": args.load_seconds,
+        "phases": args.phase_list,
+        "pgbackrest": version,
+        "cloudbk": __version__,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def run_calls(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from benchlib.percall import BACKENDS, calls_phase
+    from benchlib.walsource import generate
+
+    backends = args.backends.split(",")
+    for name in backends:
+        if name not in BACKENDS:
+            raise SystemExit(f"unknown backend {name!r}")
+    store = work / "calls-segments"
+    store.mkdir()
+    source = generate(args.calls, store, args.scale)
+    source.cluster.destroy()
+    table, raw = calls_phase(backends, source.segments, work / "calls")
+    print(table)
+    return raw
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="file,s3-seaweedfs", help=f"comma-separated, from {','.join(BACKENDS)}")
-    parser.add_argument("--calls", type=int, default=10, help="segments pushed and fetched per backend")
-    parser.add_argument("--scale", type=int, default=10, help="pgbench scale factor for the WAL generator")
-    args = parser.parse_args()
-    for name in args.backends.split(","):
-        if name not in BACKENDS:
-            parser.error(f"unknown backend {name!r}")
+    args = parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: PostgreSQL and the archive commands run as the postgres user")
+    wants_peer = set(args.phase_list) - {"calls"}
+    if wants_peer and not shutil.which("pgbackrest"):
+        raise SystemExit("pgBackRest is not installed: apt-get install pgbackrest")
+    from benchlib.proctree import become_subreaper
 
-    from pgcluster import new_dir
+    become_subreaper()  # detached workers stay our descendants, so their CPU is counted
+    work = Path(tempfile.mkdtemp(prefix="cloudbk-bench-wal-"))
+    os.chmod(work, 0o755)  # the postgres user reaches its directories and the CA certificate
+    os.environ["CLOUDBK_TEST_DIR"] = str(work / "pg")  # PostgreSQL clusters live in here too
+    results: dict[str, Any] = {"meta": meta(args)}
+    try:
+        if "calls" in args.phase_list:
+            (work / "calls").mkdir()
+            results["calls"] = run_calls(args, work)
+        if wants_peer:
+            from benchlib.main import run_phases
 
-    rows: list[str] = []
-    ratios: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="cloudbk-bench-wal-") as tmp:
-        segdir = new_dir("bench-segments")
-        try:
-            print(f"generating {args.calls} real WAL segments with pgbench (scale {args.scale}) ...", file=sys.stderr)
-            segments = real_segments(args.calls, segdir, args.scale)
-            baseline = [timed([sys.executable, "-c", "pass"]) for _ in range(args.calls)]
-            rows.append(summary("`python -c pass`", "-", baseline))
-            for name in args.backends.split(","):
-                work = Path(tmp) / name
-                work.mkdir()
-                service, url, env = start_backend(name, work)
-                try:
-                    env = {**env, "CLOUDBK_REPO": url}
-                    pushes = [timed([str(BIN / "cloudbk-wal-push"), str(seg)], env) for seg in segments]
-                    fetches = []
-                    for seg in segments:
-                        dest = work / "RECOVERYXLOG"
-                        fetches.append(timed([str(BIN / "cloudbk-wal-fetch"), seg.name, str(dest)], env))
-                        if dest.read_bytes() != seg.read_bytes():
-                            raise SystemExit(f"{seg.name} fetched from {name} differs from the original")
-                        dest.unlink()
-                    if name == "file":
-                        stored = sum(p.stat().st_size for p in (work / "repo").rglob("0*") if p.is_file())
-                        ratios.append(stored / (len(segments) * 16 * MiB))
-                    rows.append(summary("`cloudbk-wal-push`", name, pushes))
-                    rows.append(summary("`cloudbk-wal-fetch`", name, fetches))
-                    print(f"  measured {name}", file=sys.stderr)
-                finally:
-                    if service is not None:
-                        service.stop()
-        finally:
-            shutil.rmtree(segdir, ignore_errors=True)
+            results.update(run_phases(args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["meta"]["loadavg_at_end"] = os.getloadavg()
+    if wants_peer:
+        from benchlib.report import render
 
-    print(f"\nPer call, {args.calls} calls each, 16 MiB segments from pgbench, one fresh process per call (ms)\n")
-    print("| command | repository | median | min | max | cloudbk's own work (median) |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(row)
-    if ratios:
-        print(f"\nzstd: stored objects are {100 * ratios[0]:.0f}% of the segments' size")
+        print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def store_tar(storage: Storage, backup_id: str, tar: bytes, files: list[FileEntr
     sink = create_object(storage, layout.backup_object_key("main", backup_id, BASE_NAME), TAR, BASE_NAME, "zstd")
     sink.write(tar)
     stored = sink.commit()
-    return TarEntry(BASE_NAME, None, stored.size, stored.sha256, stored.stored_size, files)
+    return TarEntry.single(BASE_NAME, None, stored.size, stored.sha256, stored.stored_size, files)
 
 
 def publish_backup(storage: Storage, manifest: Manifest, last_segment: int) -> None:

@@ -4,9 +4,9 @@
    the index does not list are looked up with a ``stat`` of their exact keys (the index may lag behind an
    object) before they count as missing; the manifest is read.
 2. ``restore``: refuses a manifest without ``global/pg_control``, a non-empty or unwritable destination (and
-   tablespace directories, and link targets asked for: :mod:`cloudbk.backup.links`), then extracts each tar stream
-   (in parallel threads) through :class:`cloudbk.backup.tarextract.SafeExtractor`, checking every file against the
-   manifest and each stream against its SHA-256.
+   tablespace directories, and link targets asked for: :mod:`cloudbk.backup.links`) and a backup with a volume
+   missing or truncated, then extracts the volumes of every stream, ``jobs`` at a time
+   (:mod:`cloudbk.backup.extract`), checking every file against the manifest and each volume against its SHA-256.
 3. The tablespaces are pointed at their (mapped) directories through ``tablespace_map`` and ``pg_tblspc``;
    the recovery settings in ``postgresql.auto.conf`` and ``recovery.signal`` make ``pg_ctl start`` recover.
    ``global/pg_control``, extracted under a temporary name, is renamed into place last, so a restore that
@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from cloudbk.backup.links import RESERVED, requested_links
-from cloudbk.backup.tarextract import SafeExtractor
+from cloudbk.backup.extract import PG_CONTROL_TMP, Extraction, check_volumes
+from cloudbk.backup.links import requested_links
+from cloudbk.backup.volumes import DEFAULT_JOBS
 from cloudbk.errors import CloudbkError, IntegrityError, OperationFailed, UsageError
 from cloudbk.pg.datadir import PG_CONTROL, TABLESPACE_MAP
 from cloudbk.pg.walnames import history_name, segment_name
@@ -35,15 +36,13 @@ from cloudbk.progress import NoProgress, Progress
 from cloudbk.repo import layout
 from cloudbk.repo.catalog import load_catalog, load_manifest, refuse_damaged
 from cloudbk.repo.index import Index
-from cloudbk.repo.manifest import BASE_TAR, Manifest, TarEntry
-from cloudbk.repo.objects import TAR, open_object
+from cloudbk.repo.manifest import Manifest, TarEntry
 from cloudbk.repo.pitr import RecoveryPlan, Stretch, Target, check_complete, check_reach, choose_backup, plan_recovery
 from cloudbk.repo.ranges import runs
 from cloudbk.storage.base import Storage
 
 log = logging.getLogger("cloudbk.backup.restore")
 
-PG_CONTROL_TMP = PG_CONTROL + ".cloudbk-restore"
 MAX_STATS = 2000  # exact-key lookups before refusing a plan; more means the index is stale: reindex
 STAT_THREADS = 8
 # settings a restored postgresql.auto.conf must not carry over from an earlier restore of the same cluster
@@ -74,7 +73,7 @@ class RestoreOptions:
     link_all: bool = False  # recreate every link the backup recorded (docs/backup.md, "Symbolic links")
     link_map: dict[str, str] = field(default_factory=dict)  # NAME -> PATH: recreate link NAME pointing at PATH
     force: bool = False
-    parallel: int = 4
+    jobs: int = DEFAULT_JOBS  # volumes downloaded and extracted at once
     # called with (dest, owner) once DEST exists, before extraction (the CLI starts the WAL prefetch there)
     on_extract: Callable[[str, tuple[int, int] | None], None] | None = None
 
@@ -211,50 +210,6 @@ def _make_dir(path: str, owner: tuple[int, int] | None) -> None:
 # -- extraction -----------------------------------------------------------------------------------------------
 
 
-_DAMAGED = "the stored backup is damaged; restore another backup"
-
-
-def _extract_tar(
-    storage: Storage,
-    server: str,
-    manifest: Manifest,
-    tar: TarEntry,
-    root: str,
-    progress: Progress,
-    owner: tuple[int, int] | None,
-    options: RestoreOptions,
-    links: Mapping[str, str],
-) -> int:
-    key = layout.backup_object_key(server, manifest.id, tar.name)
-    expected = {f.path: f for f in tar.files}
-    base = tar.tablespace_oid is None
-    rename = {PG_CONTROL: PG_CONTROL_TMP} if base else {}
-    source = open_object(storage, key, TAR, tar.name, tar.size, tar.sha256, origin="its manifest", hint=_DAMAGED)
-    with source:
-        extractor = SafeExtractor(
-            root, expected, rename, progress.advance, what=f"backup object {key}", owner=owner, hash_stream=False,
-            links=links if base else {},
-            symlinks=tar.links is None,  # only backups from before links were recorded hold link members
-            trust_symlinks=options.link_all and tar.links is None,
-            reserved=RESERVED if base else {},
-        )  # fmt: skip
-        try:
-            result, _, _ = extractor.extract(source)  # the codec checks the whole stream against the manifest
-            source.finish()
-        except IntegrityError as exc:
-            if exc.key is None:
-                exc.key = key
-            raise
-    absent = sorted(set(expected) - set(result.files))
-    if absent:
-        raise IntegrityError(
-            f"backup object {key} lacks {len(absent)} files its manifest lists, e.g. {absent[0]}",
-            key=key,
-            hint="the stored backup is damaged; restore another backup",
-        )
-    return sum(f.size for f in result.files.values())
-
-
 def _escape_map_path(path: str) -> str:
     # tablespace_map escapes backslash, CR and LF with a backslash (xlog.c, do_pg_backup_start)
     out = []
@@ -329,7 +284,7 @@ def write_recovery_config(
 
 def _base_tar(manifest: Manifest) -> TarEntry:
     """The PGDATA tar, after checking the manifest describes a directory that can start a server."""
-    base = next((t for t in manifest.tars if t.tablespace_oid is None and t.name.startswith(BASE_TAR + ".")), None)
+    base = next((t for t in manifest.tars if t.tablespace_oid is None), None)
     if base is None:
         raise IntegrityError(f"backup {manifest.id} has no PGDATA tar stream", key=manifest.id)
     if not any(f.path == PG_CONTROL for f in base.files):
@@ -391,6 +346,7 @@ def restore(
     if not options.force:
         check_complete(plan)
     base = _base_tar(manifest)
+    check_volumes(storage, server, manifest)  # every volume stored, at its size: before anything is written
     dest = os.path.abspath(options.dest)
     targets = tablespace_targets(manifest, options.tablespace_mapping)
     check_destinations(dest, targets)
@@ -407,13 +363,9 @@ def restore(
     start = time.monotonic()
     progress.start(f"restore {manifest.id}", manifest.data_size)
     roots = {t.name: dest if t.tablespace_oid is None else targets[t.tablespace_oid] for t in manifest.tars}
+    extraction = Extraction(storage, server, manifest, dest, roots, progress, owner, links, options.link_all)
     try:
-        with cf.ThreadPoolExecutor(max_workers=max(1, min(options.parallel, len(manifest.tars)))) as pool:
-            futures = [
-                pool.submit(_extract_tar, storage, server, manifest, t, roots[t.name], progress, owner, options, links)
-                for t in manifest.tars
-            ]
-            written = sum(f.result() for f in futures)
+        written = extraction.run(options.jobs)
     except (CloudbkError, OSError) as exc:
         hint = f"{dest} is incomplete and cannot start (its pg_control was held back); empty it before retrying"
         if links:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from cloudbk.backup.links import check_links
-from cloudbk.backup.tarstream import CHUNK, check_member, safe_relpath
+from cloudbk.backup.tarstream import CHUNK, PIECE_OFFSET, check_member, safe_relpath
 from cloudbk.errors import IntegrityError, LinkEscapes, UnsafeMember
 from cloudbk.repo.manifest import FileEntry
 
@@ -165,6 +165,7 @@ class SafeExtractor:
         symlinks: bool = True,
         trust_symlinks: bool = False,
         reserved: Mapping[str, str] | None = None,
+        make_requested: bool = True,
     ) -> None:
         self.dest = os.path.realpath(dest)
         self.owner = owner
@@ -177,6 +178,7 @@ class SafeExtractor:
         self.symlinks = symlinks
         self.trust_symlinks = trust_symlinks
         self.reserved = dict(reserved or {})
+        self.make_requested = make_requested  # False: the caller calls make_requested_links at the end
         self._written: dict[str, FileEntry] = {}
         self._names: set[str] = set()  # every member name so far: a second member of the same name is refused
         self._files: set[str] = set()  # regular files extracted: the only things a hard link may name
@@ -248,7 +250,14 @@ class SafeExtractor:
             missing.append(parent)
             parent = os.path.dirname(parent)
         for directory in reversed(missing):
-            os.mkdir(directory, 0o700)
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:  # made meanwhile by a worker extracting another volume of the stream
+                if os.path.islink(directory) or not os.path.isdir(directory):
+                    raise UnsafeMember(
+                        f"{self.what}: {path!r} needs a directory where there is none: {directory!r}"
+                    ) from None
+                continue
             self._chown(directory)
 
     def _check_name(self, member: tarfile.TarInfo) -> str:
@@ -300,7 +309,7 @@ class SafeExtractor:
         path = self._target(rel)
         self._ensure_parent(path)
         self._target(rel)  # the parents now exist: check again that none resolves outside
-        if os.path.lexists(path):
+        if os.path.lexists(path) and not (self._is_piece(member, rel) and os.path.isfile(path)):
             raise UnsafeMember(f"{self.what}: member {rel!r} collides with a directory of the same name")
         if member.issym():
             if not self.symlinks:
@@ -317,6 +326,11 @@ class SafeExtractor:
             return
         self._files.add(rel)
         self._extract_file(tar, member, rel, path, writer)
+
+    def _is_piece(self, member: tarfile.TarInfo, rel: str) -> bool:
+        """Whether ``member`` is a piece of a file split across volumes (its other pieces are written by others)."""
+        expected = self.expected.get(rel) if self.expected is not None else None
+        return member.isreg() and expected is not None and expected.offset is not None
 
     def _hard_link(self, member: tarfile.TarInfo, rel: str, path: str) -> None:
         if self.expected is not None:  # cloudbk never writes hard links: this tar is not ours
@@ -339,7 +353,18 @@ class SafeExtractor:
                     f"{self.what}: {exc.reason}", hint="nothing was written outside the destination"
                 ) from None
         made = [(rel, self._root(rel)[1], target) for rel, target in self._pending.items()]  # maybe below a link
-        made += [(rel, os.path.join(self.dest, rel), target) for rel, target in self.links.items()]  # asked for
+        if self.make_requested:
+            made += self._requested()
+        self._symlinks(made)
+
+    def _requested(self) -> list[tuple[str, str, str]]:
+        return [(rel, os.path.join(self.dest, rel), target) for rel, target in self.links.items()]
+
+    def make_requested_links(self) -> None:
+        """Create the links asked for (``links``): for a stream extracted in several volumes, once they are all in."""
+        self._symlinks(self._requested())
+
+    def _symlinks(self, made: list[tuple[str, str, str]]) -> None:
         for rel, path, target in made:
             self._ensure_parent(path)
             if os.path.realpath(os.path.dirname(path)) != os.path.dirname(path):
@@ -359,11 +384,23 @@ class SafeExtractor:
                 raise IntegrityError(
                     f"{self.what}: file {rel!r} has {member.size} bytes in the tar, the manifest says {expected.size}"
                 )
+            offset = member.pax_headers.get(PIECE_OFFSET)
+            if (offset is None) != (expected.offset is None) or (offset is not None and int(offset) != expected.offset):
+                raise IntegrityError(
+                    f"{self.what}: file {rel!r} starts at offset {offset or 0} in the tar, the manifest says "
+                    f"{expected.offset or 0}"
+                )
         source = tar.extractfile(member)
         if source is None:  # pragma: no cover - regular members always have a file object
             raise IntegrityError(f"{self.what}: cannot read file {rel!r}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        out = _OutFile(self, rel, path, os.open(path, flags, (member.mode & 0o777) | 0o600), member, expected)
+        piece = expected is not None and expected.offset is not None
+        # a piece's file may have been created by another volume's piece: the manifest says the pieces never
+        # overlap, and DEST was empty
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if piece else os.O_EXCL)
+        fd = os.open(path, flags, (member.mode & 0o777) | 0o600)
+        if piece and expected is not None and expected.offset:
+            os.lseek(fd, expected.offset, os.SEEK_SET)
+        out = _OutFile(self, rel, path, fd, member, expected)
         try:
             while True:
                 try:

@@ -26,6 +26,8 @@ from cloudbk.repo.manifest import FileEntry
 
 BLOCK = 512
 CHUNK = 1024 * 1024
+#: pax record of a piece of a file split across volumes: where the piece starts in the file (docs/format.md)
+PIECE_OFFSET = "CLOUDBK.offset"
 _ZEROS = bytes(CHUNK)
 
 
@@ -72,11 +74,17 @@ class TarWriter:
         self._on_bytes(len(data))
         return FileEntry(name, len(data), hashlib.sha256(data).hexdigest())
 
-    def add_file(self, name: str, fd: int, size: int, mode: int, mtime: float) -> tuple[FileEntry, int]:
-        """Copy ``size`` bytes from the open file ``fd``. Returns the entry and how many bytes were short
-        (read as zeros because the file shrank while we copied it)."""
+    def add_file(
+        self, name: str, fd: int, size: int, mode: int, mtime: float, offset: int | None = None
+    ) -> tuple[FileEntry, int]:
+        """Copy ``size`` bytes from the open file ``fd`` (from ``offset`` for a piece of a split file, marked as
+        such in its header). Returns the entry and how many bytes were short (read as zeros because the file
+        shrank while we copied it)."""
         info = self._info(name, mode, mtime)
         info.size = size
+        if offset is not None:
+            info.pax_headers = {PIECE_OFFSET: str(offset)}
+            os.lseek(fd, offset, os.SEEK_SET)
         self._header(info)
         digest = hashlib.sha256()
         view = memoryview(self._buf)
@@ -97,7 +105,7 @@ class TarWriter:
             self._sink.write(_ZEROS[:n])
             done += n
         self._pad(size)
-        return FileEntry(name, size, digest.hexdigest()), short
+        return FileEntry(name, size, digest.hexdigest(), offset), short
 
     def _pad(self, size: int) -> None:
         rest = size % BLOCK

@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from cloudbk.backup.take import DEFAULT_WAL_WAIT, BackupOptions, take_backup
+from cloudbk.backup.volumes import check_volume_size
 from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
 from cloudbk.cli.output import ConsoleProgress, human_duration, human_size
 from cloudbk.config import Settings
@@ -35,7 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let the starting checkpoint follow checkpoint_completion_target instead of running at full speed",
     )
     parser.add_argument(
-        "--compress-threads", type=int, default=None, metavar="N", help="zstd worker threads (default: CPU count)"
+        "--volume-size",
+        metavar="SIZE",
+        help="bytes of file content per stored volume, e.g. 128MiB (the default; env CLOUDBK_VOLUME_SIZE)",
+    )
+    parser.add_argument(
+        "--compress-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="extra zstd threads per volume (default 0: --jobs is the parallelism; each costs memory)",
     )
 
 
@@ -55,6 +65,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     fast_checkpoint=not args.spread_checkpoint,
                     wal_wait=args.wal_wait,
                 )
+                if settings.jobs is not None:
+                    options.jobs = settings.jobs
+                if settings.volume_size is not None:
+                    options.volume_size = check_volume_size(settings.volume_size)
                 if args.compress_threads is not None:
                     options.compress_threads = max(0, args.compress_threads)
                 manifest = take_backup(storage, settings.server, conn, options, ConsoleProgress())

@@ -34,16 +34,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     doc = describe_backup(index, summary)
     doc["tablespaces"] = [{"oid": t.oid, "name": t.name, "location": t.location} for t in manifest.tablespaces]
     doc["tars"] = [
-        {"name": t.name, "tablespace_oid": t.tablespace_oid, "size": t.size, "sha256": t.sha256,
-         "stored_size": t.stored_size, "files": len(t.files)}
+        {"name": t.name, "tablespace_oid": t.tablespace_oid, "size": t.size, "stored_size": t.stored_size,
+         "files": len(t.paths),
+         "volumes": [{"name": v.name, "size": v.size, "sha256": v.sha256, "stored_size": v.stored_size,
+                      "files": len(v.files)} for v in t.volumes]}
         for t in manifest.tars
     ]  # fmt: skip
     doc["links"] = [{"tar": t.name, "path": lk.path, "target": lk.target, "type": lk.type}
                     for t in manifest.tars for lk in t.links or []]  # fmt: skip
     doc.update(label=manifest.label, pgdata=manifest.pgdata, hostname=manifest.hostname, tool=manifest.tool)
     if args.files:
-        doc["files"] = [{"tar": t.name, "path": f.path, "size": f.size, "sha256": f.sha256} for t in manifest.tars
-                        for f in t.files]  # fmt: skip
+        doc["files"] = [{"tar": t.name, "volume": v.name, "path": f.path, "size": f.size, "sha256": f.sha256,
+                         **({} if f.offset is None else {"offset": f.offset})}
+                        for t in manifest.tars for v in t.volumes for f in v.files]  # fmt: skip
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
@@ -68,12 +71,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for lk in doc["links"]:  # restored as plain directories and files unless --link-all / --link-map
         lines.append(("link", f"{lk['path']} -> {lk['target']} ({lk['type']})"))
     for t in manifest.tars:
+        volumes = f"{len(t.volumes)} volume{'s' if len(t.volumes) != 1 else ''}"
         lines.append(
-            ("object", f"{t.name}: {len(t.files)} files, {human_size(t.size)} tar, {human_size(t.stored_size)} stored")
-        )
+            ("stream", f"{t.name}: {len(t.paths)} files, {human_size(t.size)} tar, {human_size(t.stored_size)} "
+             f"stored in {volumes}")
+        )  # fmt: skip
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in lines))
     if args.files:
         for f in doc["files"]:
-            print(f"{f['tar']}  {f['sha256']}  {f['size']:>12}  {f['path']}")
+            piece = f"  (piece at offset {f['offset']})" if "offset" in f else ""
+            print(f"{f['volume']}  {f['sha256']}  {f['size']:>12}  {f['path']}{piece}")
     return 0

@@ -78,6 +78,12 @@ def common_options(into: argparse.ArgumentParser | None = None, suppress: bool =
         "--retry-deadline", type=float, help="seconds to retry transient storage errors (env CLOUDBK_RETRY_DEADLINE)"
     )
     g.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="volumes backup-push and restore transfer at once, default 2 (env CLOUDBK_JOBS)",
+    )
+    g.add_argument(
         "-v",
         "--verbose",
         action="store_true",

@@ -65,9 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="restore even if the plan lacks WAL segments or the target time is beyond the archived WAL",
     )
     parser.add_argument(
-        "--parallel", type=int, default=4, metavar="N", help="tar streams extracted at once (default 4)"
-    )
-    parser.add_argument(
         "--prefetch", metavar="N",
         help="WAL segments prefetched while the backup extracts and during recovery (default 8, env "
         "CLOUDBK_PREFETCH); given, it is written into restore_command too; 0 turns prefetch off",
@@ -126,8 +123,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         link_all=args.link_all,
         link_map=_mapping(args.link_map, "--link-map", "NAME=PATH"),
         force=args.force,
-        parallel=max(1, args.parallel),
     )
+    if settings.jobs is not None:
+        options.jobs = settings.jobs
     check_destinations(os.path.abspath(args.dest), {})  # fail before any storage work
     with terminate_on_sigterm():
         storage = open_repo(settings, LONG_RETRY_DEADLINE)

@@ -38,7 +38,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.push_ahead > 0:
         if wait_for_marker(args.path, flags, settings.environ):
             return 0  # the worker stored and indexed it
-        ensure_worker(args.path, flags, settings)
+        # a worker just started takes this file first: waiting for it costs less than a second upload
+        if ensure_worker(args.path, flags, settings) and wait_for_marker(
+            args.path, flags, settings.environ, starting=True
+        ):
+            return 0
     with terminate_on_sigterm():
         storage = open_repo(settings)
         try:

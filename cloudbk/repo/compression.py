@@ -92,13 +92,19 @@ class CompressingWriter:
         return self._hash.hexdigest()
 
 
-class DecompressingReader(io.RawIOBase):
-    """Read uncompressed bytes from a compressed ``source`` stream; hashes what it returns."""
+#: codecs whose frames carry a checksum of their content, which the decompressor verifies at the frame's end
+#: (zstd's XXH64 with ``write_checksum``, lz4's content checksum, gzip's CRC-32)
+SELF_CHECKING = frozenset({"zstd", "lz4", "gzip"})
 
-    def __init__(self, algo: str, source: Any) -> None:
+
+class DecompressingReader(io.RawIOBase):
+    """Read uncompressed bytes from a compressed ``source`` stream; hashes what it returns (unless ``hashing``
+    is False: then ``sha256`` is the empty string)."""
+
+    def __init__(self, algo: str, source: Any, hashing: bool = True) -> None:
         super().__init__()
         self.algo = check_algorithm(algo)
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashing else None
         self.size = 0
         self._stream: Any
         if algo == "zstd":
@@ -133,13 +139,14 @@ class DecompressingReader(io.RawIOBase):
             raise
         n = len(data)
         buffer[:n] = data
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += n
         return n
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._hash is not None else ""
 
     def close(self) -> None:
         if not self.closed and self.algo in ("lz4", "gzip"):

@@ -19,7 +19,8 @@ from cloudbk.errors import CorruptManifest, IntegrityError, refuse_newer_format
 from cloudbk.pg.datadir import Tablespace
 from cloudbk.pg.walnames import format_lsn, parse_lsn
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: tar streams stored as volumes (docs/format.md); 1 is still read
+FORMAT_SINGLE_OBJECT = 1  # manifests whose tar streams are one object each
 STATUS_COMPLETE = "complete"
 BASE_TAR = "base"  # the tar stream holding PGDATA; tablespace streams are named by their OID
 _CORRUPT_HINT = "the backup cannot be restored from this manifest; use another backup"
@@ -39,11 +40,26 @@ def parse_time(text: str) -> datetime:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One regular file inside a tar stream: its path relative to the stream's root directory."""
+    """One regular file inside a tar stream (its path relative to the stream's root directory), or one piece
+    of a file split across volumes: ``offset`` is where the piece starts in the file, ``size`` and ``sha256``
+    are the piece's."""
 
     path: str
     size: int
     sha256: str
+    offset: int | None = None
+
+    def row(self) -> list[Any]:
+        """The compact JSON row: ``[path, size, sha256]``, with the offset appended for a piece."""
+        head: list[Any] = [self.path, self.size, self.sha256]
+        return head if self.offset is None else [*head, self.offset]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> FileEntry:
+        if len(row) not in (3, 4):
+            raise ValueError(f"file row {row!r} is not [path, size, sha256] or [path, size, sha256, offset]")
+        offset = None if len(row) == 3 else int(row[3])
+        return cls(str(row[0]), int(row[1]), str(row[2]), offset)
 
 
 # The fields a manifest and its summary in the index share, each with how it is read back from JSON.
@@ -82,21 +98,101 @@ class LinkEntry:
 
 
 @dataclass
-class TarEntry:
-    """One tar stream: PGDATA (``tablespace_oid`` None) or one tablespace's directory."""
+class VolumeEntry:
+    """One stored object of a tar stream: a complete tar of its own (docs/format.md, "Volumes")."""
 
-    name: str  # object name inside the backup's prefix, e.g. "base.tar.zst" or "16385.tar.zst"
-    tablespace_oid: int | None
-    size: int  # bytes of the uncompressed tar stream
-    sha256: str  # of the uncompressed tar stream
-    stored_size: int  # bytes of the stored object (envelope header + compressed stream)
+    name: str  # object name inside the backup's prefix, e.g. "base.00001.tar.zst" (format 1: "base.tar.zst")
+    size: int  # bytes of the uncompressed tar
+    sha256: str  # of the uncompressed tar
+    stored_size: int  # bytes of the stored object (envelope header + compressed tar)
     files: list[FileEntry] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        # compact rows: a large cluster has tens of thousands of files
+        doc = {"name": self.name, "size": self.size, "sha256": self.sha256, "stored_size": self.stored_size}
+        return {**doc, "files": [f.row() for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> VolumeEntry:
+        files = [FileEntry.from_row(row) for row in doc["files"]]
+        return cls(str(doc["name"]), int(doc["size"]), str(doc["sha256"]), int(doc["stored_size"]), files)
+
+
+@dataclass
+class TarEntry:
+    """One tar stream: PGDATA (``tablespace_oid`` None) or one tablespace's directory, stored as volumes."""
+
+    name: str  # the stream: "base" or the tablespace OID (format 1: the one object's name, "base.tar.zst")
+    tablespace_oid: int | None
+    volumes: list[VolumeEntry] = field(default_factory=list)
     #: None in manifests written before links were recorded: their tars may hold symbolic link members
     links: list[LinkEntry] | None = None
+
+    @classmethod
+    def single(cls, name: str, tablespace_oid: int | None, size: int, sha256: str, stored_size: int,
+               files: list[FileEntry] | None = None, links: list[LinkEntry] | None = None) -> TarEntry:  # fmt: skip
+        """A stream stored as one object named ``name`` (how format 1 stores every stream)."""
+        return cls(name, tablespace_oid, [VolumeEntry(name, size, sha256, stored_size, files or [])], links)
+
+    @property
+    def files(self) -> list[FileEntry]:
+        """Every file row of every volume (a split file has one row per piece, each with its offset)."""
+        return [f for v in self.volumes for f in v.files]
+
+    @property
+    def size(self) -> int:
+        return sum(v.size for v in self.volumes)
+
+    @property
+    def stored_size(self) -> int:
+        return sum(v.stored_size for v in self.volumes)
 
     @property
     def data_size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def paths(self) -> set[str]:
+        return {f.path for f in self.files}
+
+    def to_dict(self, version: int) -> dict[str, Any]:
+        links = {} if self.links is None else {"links": [asdict(link) for link in self.links]}
+        if version <= FORMAT_SINGLE_OBJECT:
+            (only,) = self.volumes
+            doc = {**only.to_dict(), "name": self.name, "tablespace_oid": self.tablespace_oid}
+            return {**doc, **links}
+        volumes = [v.to_dict() for v in self.volumes]
+        return {"name": self.name, "tablespace_oid": self.tablespace_oid, "volumes": volumes, **links}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], version: int) -> TarEntry:
+        oid = None if doc["tablespace_oid"] is None else int(doc["tablespace_oid"])
+        links = _read_links(doc.get("links"))
+        if version <= FORMAT_SINGLE_OBJECT:
+            return cls(str(doc["name"]), oid, [VolumeEntry.from_dict(doc)], links)
+        tar = cls(str(doc["name"]), oid, [VolumeEntry.from_dict(v) for v in doc["volumes"]], links)
+        check_pieces(tar)
+        return tar
+
+
+def check_pieces(tar: TarEntry) -> None:
+    """``ValueError`` unless every file is in one volume whole, or in pieces that cover it exactly, in order,
+    at most one piece per volume: what restore relies on to reassemble files without overwriting anything."""
+    pieces: dict[str, list[FileEntry]] = {}
+    for volume in tar.volumes:
+        names = [f.path for f in volume.files]
+        if len(names) != len(set(names)):
+            raise ValueError(f"volume {volume.name} lists a file twice")
+        for f in volume.files:
+            pieces.setdefault(f.path, []).append(f)
+    for path, rows in pieces.items():
+        if len(rows) == 1 and rows[0].offset is None:
+            continue
+        at = 0
+        for row in rows:
+            if row.offset != at or row.size <= 0:
+                raise ValueError(f"the pieces of {path} in stream {tar.name} do not cover it in order")
+            at += row.size
 
 
 def _read_links(rows: Any) -> list[LinkEntry] | None:
@@ -149,7 +245,12 @@ class Manifest:
 
     @property
     def file_count(self) -> int:
-        return sum(len(t.files) for t in self.tars)
+        return sum(len(t.paths) for t in self.tars)
+
+    @property
+    def volumes(self) -> list[tuple[TarEntry, VolumeEntry]]:
+        """Every stored data object, with the stream it belongs to."""
+        return [(t, v) for t in self.tars for v in t.volumes]
 
     def tar(self, name: str) -> TarEntry:
         for t in self.tars:
@@ -163,19 +264,7 @@ class Manifest:
         doc = asdict(self)
         doc["begin_lsn"] = format_lsn(self.begin_lsn)
         doc["end_lsn"] = format_lsn(self.end_lsn)
-        doc["tars"] = [
-            {
-                "name": t.name,
-                "tablespace_oid": t.tablespace_oid,
-                "size": t.size,
-                "sha256": t.sha256,
-                "stored_size": t.stored_size,
-                # compact rows: [path, size, sha256]; a large cluster has tens of thousands of files
-                "files": [[f.path, f.size, f.sha256] for f in t.files],
-                **({} if t.links is None else {"links": [asdict(link) for link in t.links]}),
-            }
-            for t in self.tars
-        ]
+        doc["tars"] = [t.to_dict(self.format_version) for t in self.tars]
         doc["data_size"] = self.data_size
         doc["stored_size"] = self.stored_size
         return doc
@@ -192,18 +281,7 @@ class Manifest:
                 **_read_shared(doc),
                 server=str(doc["server"]),
                 tablespaces=[Tablespace(int(t["oid"]), str(t["name"]), str(t["location"])) for t in doc["tablespaces"]],
-                tars=[
-                    TarEntry(
-                        name=str(t["name"]),
-                        tablespace_oid=None if t["tablespace_oid"] is None else int(t["tablespace_oid"]),
-                        size=int(t["size"]),
-                        sha256=str(t["sha256"]),
-                        stored_size=int(t["stored_size"]),
-                        files=[FileEntry(str(p), int(s), str(h)) for p, s, h in t["files"]],
-                        links=_read_links(t.get("links")),
-                    )
-                    for t in doc["tars"]
-                ],
+                tars=[TarEntry.from_dict(t, version) for t in doc["tars"]],
                 next_xid=None if doc.get("next_xid") is None else int(doc["next_xid"]),
                 status=str(doc.get("status", STATUS_COMPLETE)),
                 label=str(doc.get("label", "")),
@@ -243,7 +321,7 @@ class Manifest:
             file_count=self.file_count,
             tablespaces=len(self.tablespaces),
             next_xid=self.next_xid,
-            objects={t.name: t.stored_size for t in self.tars},
+            objects={v.name: v.stored_size for t in self.tars for v in t.volumes},
             manifest_size=len(self.to_json()) if manifest_size is None else manifest_size,
         ).to_dict()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudbk.errors import IntegrityError
-from cloudbk.repo.compression import READ_CHUNK, CompressingWriter, DecompressingReader
+from cloudbk.repo.compression import READ_CHUNK, SELF_CHECKING, CompressingWriter, DecompressingReader
 from cloudbk.repo.envelope import TAR, WAL, Header, read_header
 from cloudbk.storage.base import CREATE_ONLY, ObjectInfo, ObjectReader, ObjectWriter, Storage, WriteMode
 
@@ -56,12 +56,15 @@ class ObjectSink:
         mode: WriteMode = CREATE_ONLY,
         threads: int = 0,
         source: str | None = None,
+        parts_in_flight: int | None = None,
     ) -> None:
         self.key = key
         self.header = header
         self.source = source  # the local file the content comes from, named if it changes under us
         self._writer: ObjectWriter = storage.open_write(key, mode)
         try:
+            if parts_in_flight is not None:
+                self._writer.limit_parts(parts_in_flight)
             encoded = header.encode()
             self._writer.write(encoded)
             self._header_size = len(encoded)
@@ -139,8 +142,9 @@ class ObjectSource(io.RawIOBase):
     """
 
     def __init__(
-        self, key: str, raw: _Counting, header: Header, size: int | None, sha256: str | None, origin: str, hint: str
-    ) -> None:
+        self, key: str, raw: _Counting, header: Header, size: int | None, sha256: str | None, origin: str, hint: str,
+        hashing: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.key = key
         self.header = header
@@ -150,7 +154,8 @@ class ObjectSource(io.RawIOBase):
         self._origin = "its header" if header.sha256 is not None else origin
         self._hint = hint
         # the seam for decryption: a decipher would sit between the stored bytes and the decompressor
-        self._plain = DecompressingReader(header.compression, raw)
+        self._plain = DecompressingReader(header.compression, raw, hashing)
+        self._hashing = hashing
         self._verified: StoredObject | None = None
 
     def readable(self) -> bool:
@@ -178,7 +183,8 @@ class ObjectSource(io.RawIOBase):
     def _verify(self) -> StoredObject:
         if self._verified is None:
             size, sha256 = self._plain.size, self._plain.sha256
-            if (self._size is not None and size != self._size) or (self._sha256 is not None and sha256 != self._sha256):
+            wrong_hash = self._hashing and self._sha256 is not None and sha256 != self._sha256
+            if (self._size is not None and size != self._size) or wrong_hash:
                 raise IntegrityError(
                     f"object {self.key} is corrupt: {size} bytes with sha256 {sha256[:16]}…, {self._origin} records "
                     f"{self._size} bytes with sha256 {str(self._sha256)[:16]}…",
@@ -213,8 +219,13 @@ def open_object(
     require_checksum: bool = False,
     origin: str = "the reader",
     hint: str = _DAMAGED,
+    trust_codec: bool = False,
 ) -> ObjectSource:
     """Open the object ``key``, which must hold ``kind`` content named ``name``.
+
+    With ``trust_codec``, a payload whose codec checks its own content (``SELF_CHECKING``) is not hashed
+    again, only counted: for a caller that verifies everything it takes from the content itself (restore
+    checks every file's SHA-256 against the manifest), so the same bytes are not hashed twice.
 
     ``NotFound`` if it is absent (eagerly); ``IntegrityError`` if its header is not a cloudbk header, names
     another kind or name, or (``require_checksum``) records no SHA-256 and size. The content is checked
@@ -236,7 +247,8 @@ def open_object(
             raise IntegrityError(f"object {key} has no checksum in its header", key=key)
         if header.sha256 is not None:
             size, sha256 = header.size, header.sha256
-        return ObjectSource(key, raw, header, size, sha256, origin, hint)
+        hashing = not (trust_codec and header.compression in SELF_CHECKING)
+        return ObjectSource(key, raw, header, size, sha256, origin, hint, hashing)
     except BaseException:
         obj.close()
         raise
@@ -253,13 +265,16 @@ def create_object(
     mode: WriteMode = CREATE_ONLY,
     threads: int = 0,
     source: str | None = None,
+    parts_in_flight: int | None = None,
 ) -> ObjectSink:
     """Start writing ``kind`` content named ``name`` to ``key`` (create-only unless ``mode`` says otherwise).
 
-    ``sha256`` and ``size`` of the plain content go into the header when they are known before the write.
+    ``sha256`` and ``size`` of the plain content go into the header when they are known before the write;
+    ``parts_in_flight`` bounds the parts a multipart upload sends at once (memory, when many objects are
+    written at a time).
     """
     header = Header(kind=kind, name=name, compression=compression, sha256=sha256, size=size)
-    return ObjectSink(storage, key, header, mode, threads, source)
+    return ObjectSink(storage, key, header, mode, threads, source, parts_in_flight)
 
 
 def read_object(

@@ -173,6 +173,11 @@ class ObjectWriter(ABC):
         """
         return None
 
+    def limit_parts(self, parts_in_flight: int) -> None:
+        """Upload at most ``parts_in_flight`` parts at once (before the first ``write``): a caller writing several
+        objects at a time bounds its memory this way. A writer that does not upload in parts ignores it."""
+        return None
+
     # file-like conveniences so compressors and tarfile can write into a writer
     def writable(self) -> bool:
         return True

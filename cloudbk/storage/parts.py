@@ -58,6 +58,9 @@ class PartWriter(ObjectWriter):
     def use_retry(self, policy: RetryPolicy) -> None:
         self.policy = policy
 
+    def limit_parts(self, parts_in_flight: int) -> None:
+        self.parts_in_flight = min(self.parts_in_flight, max(1, parts_in_flight))
+
     # -- primitives for drivers ---------------------------------------------------------------------------
 
     @abstractmethod

@@ -42,6 +42,7 @@ IDLE_EXIT_SECONDS = 5.0
 BATCH_SECONDS = 1.0
 RETRY_FAILED_SECONDS = 10.0
 POLL_SECONDS = 0.02
+PRUNE_SECONDS = 1.0
 READY = ".ready"
 # the flags a worker is given: those that choose the repository (the identity) and how it is written
 WORKER_FLAGS = ("config", "repo", "server", "endpoint_url", "compression", "retry_deadline", "push_ahead")
@@ -72,6 +73,7 @@ class Worker:
         self.inflight: dict[Future[Staged], Taken] = {}
         self.staged: list[tuple[Staged, Taken]] = []
         self.failed_at: dict[str, float] = {}
+        self.vouched: set[str] = set()  # names with a marker written, while PostgreSQL still has them .ready
         self.last_batch = 0.0
 
     def _note(self, name: str, suffix: str) -> str:
@@ -93,6 +95,7 @@ class Worker:
             if ours and name not in ready and name not in busy:
                 marker.remove(entry.path)
                 self.failed_at.pop(name, None)
+        self.vouched &= ready
 
     def take(self, pool: ThreadPoolExecutor, ready: list[str]) -> bool:
         """Start pushes for the next ready files; whether any ready file still waits for the worker."""
@@ -100,18 +103,22 @@ class Worker:
         taken = {t.name for t in self.inflight.values()} | {t.name for _, t in self.staged}
         waiting = False
         for name in ready:
-            if name in taken or os.path.exists(self._note(name, marker.OK)):
+            if name in taken or name in self.vouched:
+                continue
+            if os.path.exists(self._note(name, marker.OK)):  # an earlier worker's marker, not yet used
+                self.vouched.add(name)
                 continue
             if now - self.failed_at.get(name, -RETRY_FAILED_SECONDS) < RETRY_FAILED_SECONDS:
                 continue
-            waiting = True
             if len(self.inflight) >= self.window:
+                waiting = True
                 break
             path = os.path.join(self.wal_dir, name)
             try:
                 file_id = marker.file_identity(os.stat(path))
             except FileNotFoundError:
-                continue  # archived and recycled meanwhile
+                continue  # archived and recycled meanwhile, or a .ready without its file: not ours to wait for
+            waiting = True
             marker.remove(self._note(name, marker.FAILED))
             marker.write_atomically(self._note(name, marker.BUSY), "")
             future = pool.submit(stage_wal, self.storage, self.server, path, self.compression, self.index)
@@ -124,8 +131,8 @@ class Worker:
         marker.remove(self._note(name, marker.BUSY))
         self.failed_at[name] = time.monotonic()
 
-    def collect(self) -> None:
-        done, _ = wait(list(self.inflight), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+    def collect(self, timeout: float) -> None:
+        done, _ = wait(list(self.inflight), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:
             taken = self.inflight.pop(future)
             try:
@@ -174,20 +181,23 @@ class Worker:
         )
         marker.write_atomically(self._note(taken.name, marker.OK), text)
         marker.remove(self._note(taken.name, marker.BUSY))
+        self.vouched.add(taken.name)
 
     def run(self) -> None:
         try:
             self.index = load_index(self.storage, self.server)
         except CloudbkError as exc:
             log.warning("cannot read the index yet (%s); the first batch reads it again", exc)
-        idle_since = time.monotonic()
+        idle_since = last_prune = time.monotonic()
         with ThreadPoolExecutor(self.window, thread_name_prefix="push-ahead") as pool:
             while True:
                 ready = self.ready()
-                self.prune(set(ready))
+                if time.monotonic() - last_prune >= PRUNE_SECONDS:
+                    self.prune(set(ready))
+                    last_prune = time.monotonic()
                 waiting = self.take(pool, ready)
                 if self.inflight:
-                    self.collect()
+                    self.collect(self._wait_time())
                 else:
                     time.sleep(POLL_SECONDS)
                 if self.staged and (not self.inflight or time.monotonic() - self.last_batch >= BATCH_SECONDS):
@@ -198,29 +208,39 @@ class Worker:
                 elif now - idle_since >= IDLE_EXIT_SECONDS:
                     return
 
+    def _wait_time(self) -> float:
+        """How long to wait for an upload to finish: briefly while the window has room (new .ready files), else
+        until one finishes or the next index update is due."""
+        if len(self.inflight) < self.window:
+            return POLL_SECONDS
+        if self.staged:
+            return max(POLL_SECONDS, self.last_batch + BATCH_SECONDS - time.monotonic())
+        return BATCH_SECONDS
+
 
 # -- starting and running the worker ---------------------------------------------------------------------
 
 
-def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) -> None:
-    """Make sure a push-ahead worker runs for the data directory of WAL file ``path`` and these settings.
+def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) -> bool:
+    """Make sure a push-ahead worker runs for the data directory of WAL file ``path`` and these settings;
+    whether this call started one.
 
     Called by a synchronous ``wal-push`` before it pushes. Does nothing when push-ahead is off, when ``path``
     is not in a ``pg_wal`` directory PostgreSQL archives from, or when the postmaster is PID 1 (then it warns
     once per data directory: a worker that dies by a signal would make PostgreSQL restart every session).
     """
     if settings.push_ahead <= 0:
-        return
+        return False
     wal_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(os.path.join(wal_dir, "archive_status")):
-        return
+        return False
     ident = marker.identity(flags, settings.environ)
     sdir = marker.state_dir(wal_dir, ident)
     try:
         os.makedirs(sdir, mode=0o700, exist_ok=True)
     except OSError as exc:
         log.warning("push-ahead off: cannot create %s (%s)", sdir, exc.strerror)
-        return
+        return False
     if background.postmaster_is_pid1(os.path.dirname(wal_dir)):
         warned = os.path.join(os.path.dirname(sdir), "pid1-warned")
         if not os.path.exists(warned):
@@ -230,13 +250,14 @@ def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) ->
                 "archive faster; every file is still archived, one call at a time"
             )
             marker.write_atomically(warned, "")
-        return
+        return False
     if background.is_running(sdir):
-        return
+        return False
     argv = [sys.executable, "-P", "-c", "from cloudbk.wal.ahead import main; main()", wal_dir]
     argv += [f"--{k.replace('_', '-')}={flags[k]}" for k in WORKER_FLAGS if flags.get(k) is not None]
     pid = background.spawn_detached(argv, sdir, dict(settings.environ))
     log.debug("started push-ahead worker %d for %s", pid, sdir)
+    return True
 
 
 def _flags(words: Sequence[str]) -> dict[str, str]:
@@ -249,6 +270,17 @@ def _flags(words: Sequence[str]) -> dict[str, str]:
     return flags
 
 
+def _claim_first(wal_dir: str, sdir: str, window: int) -> None:
+    """Mark the first files busy at once: the call that started us waits for them instead of pushing one
+    itself while we import the SDK (they are taken for real by the first :meth:`Worker.take`)."""
+    ready = [
+        e.name[: -len(READY)] for e in os.scandir(os.path.join(wal_dir, "archive_status")) if e.name.endswith(READY)
+    ]
+    for name in pg_order(ready)[:window]:
+        if not os.path.exists(os.path.join(sdir, name + marker.OK)):
+            marker.write_atomically(os.path.join(sdir, name + marker.BUSY), "")
+
+
 def _serve(wal_dir: str, flags: dict[str, str]) -> None:
     from cloudbk.cli.common import open_repo
     from cloudbk.config import resolve
@@ -258,6 +290,7 @@ def _serve(wal_dir: str, flags: dict[str, str]) -> None:
     if background.acquire(sdir) is None:
         return  # another worker has it
     settings = resolve(flags)
+    _claim_first(wal_dir, sdir, max(1, settings.push_ahead))
     log.info("push-ahead worker %d started for %s (%s, server %s)", os.getpid(), wal_dir, settings.repo,
              settings.server)  # fmt: skip
     storage = open_repo(settings)

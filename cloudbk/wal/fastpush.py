@@ -36,8 +36,9 @@ def parse_argv(argv: Sequence[str]) -> tuple[dict[str, str], str] | None:
     return None if parsed is None else (parsed[0], parsed[1][0])
 
 
-def wait_for_marker(path: str, flags: Mapping[str, object], environ: Mapping[str, str]) -> bool:
-    """True when the push-ahead worker has archived ``path`` (stored and indexed); see the module docstring."""
+def wait_for_marker(path: str, flags: Mapping[str, object], environ: Mapping[str, str], starting: bool = False) -> bool:
+    """True when the push-ahead worker has archived ``path`` (stored and indexed); see the module docstring.
+    ``starting``: the caller has just started the worker, which may take up to :data:`GRACE` to take its lock."""
     wal_dir, name = os.path.split(os.path.abspath(path))
     ident = marker.identity(flags, environ)
     sdir = marker.state_dir(wal_dir, ident)
@@ -65,9 +66,9 @@ def wait_for_marker(path: str, flags: Mapping[str, object], environ: Mapping[str
         if failed is not None:
             sys.stderr.write(f"cloudbk wal-push: WARNING: push-ahead could not archive {name}: {failed.strip()}\n")
             return False
-        if not is_running(sdir):
-            return False
         now = time.monotonic()
+        if not is_running(sdir) and not (starting and now - start < GRACE):
+            return False
         if now >= give_up:
             return False
         if now - start >= GRACE and not os.path.exists(base + marker.BUSY):

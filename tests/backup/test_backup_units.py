@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudbk.backup.take import _Counter, _TarUpload, wait_for_wal
+from cloudbk.backup.take import wait_for_wal
+from cloudbk.backup.volumes import Counter, Piece, VolumeWriter
 from cloudbk.errors import OperationFailed, UsageError
 from cloudbk.pg.datadir import scan_data_directory, scan_tablespace
 from cloudbk.pg.walnames import segment_name
@@ -109,10 +110,10 @@ def test_file_vanishing_during_the_backup_is_left_out(tmp_path: Path) -> None:
     entries = scan_data_directory(str(root))
     os.unlink(root / "base" / "1" / "1259")  # dropped after the scan, before it was copied
     storage = MemoryStorage()
-    upload = _TarUpload(storage, "main/backups/x/base.tar.zst", "base.tar.zst", "zstd", 0, _Counter(NoProgress()))
+    upload = VolumeWriter(storage, "main/backups/x/base.tar.zst", "base.tar.zst", "zstd", 0, Counter(NoProgress()))
     for entry in entries:
-        upload.add(entry)
-    tar = upload.finish(None)
+        upload.add(Piece(entry))
+    tar = upload.finish()
     assert "base/1/1259" not in {f.path for f in tar.files}
     assert "base/1/1259_fsm" in {f.path for f in tar.files}
     with storage.open_read("main/backups/x/base.tar.zst") as obj:

@@ -44,8 +44,8 @@ def manifest(
         compression="zstd",
         tablespaces=[Tablespace(16385, "ts", "/srv/ts")],
         tars=[
-            TarEntry("base.tar.zst", None, 3072, "ab" * 32, 900, [FileEntry("PG_VERSION", 3, "cd" * 32)]),
-            TarEntry("16385.tar.zst", 16385, 2048, "ef" * 32, 400, [FileEntry("PG_15_1/1/2", 8192, "01" * 32)]),
+            TarEntry.single("base.tar.zst", None, 3072, "ab" * 32, 900, [FileEntry("PG_VERSION", 3, "cd" * 32)]),
+            TarEntry.single("16385.tar.zst", 16385, 2048, "ef" * 32, 400, [FileEntry("PG_15_1/1/2", 8192, "01" * 32)]),
         ],
         next_xid=next_xid or None,
     )
@@ -73,7 +73,7 @@ def test_manifest_json_round_trip_and_summary() -> None:
     doc = json.loads(m.to_json())
     assert doc["begin_lsn"] == "0/2000028" and doc["end_lsn"] == "0/3000100"
     assert doc["data_size"] == 3 + 8192 and doc["stored_size"] == 1300
-    assert doc["tars"][0]["files"] == [["PG_VERSION", 3, "cd" * 32]]
+    assert doc["format_version"] == 2 and doc["tars"][0]["volumes"][0]["files"] == [["PG_VERSION", 3, "cd" * 32]]
     summary = m.summary()
     assert summary["data_size"] == 8195 and summary["file_count"] == 2 and summary["tablespaces"] == 1
     assert summary["next_xid"] == 745 and "tars" not in summary

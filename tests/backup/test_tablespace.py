@@ -41,9 +41,10 @@ def test_tablespace_and_links_round_trip(file_backend: Backend, clusters: Cluste
 
     shown = json.loads(cloudbk("backup-show", backup_id, "--json", env=repo_env(file_backend)).stdout)
     assert [t["location"] for t in shown["tablespaces"]] == [str(location)]
-    assert sorted(t["name"] for t in shown["tars"]) == sorted(
-        ["base.tar.lz4", f"{shown['tablespaces'][0]['oid']}.tar.lz4"]
-    )
+    oid = shown["tablespaces"][0]["oid"]
+    assert sorted(t["name"] for t in shown["tars"]) == sorted(["base", str(oid)])
+    volumes = sorted(v["name"] for t in shown["tars"] for v in t["volumes"])
+    assert volumes == [f"{oid}.00001.tar.lz4", "base.00001.tar.lz4", "base.00002.tar.lz4"]  # the label volume last
     assert sorted((lk["path"], lk["target"], lk["type"]) for lk in shown["links"]) == [
         ("dangling", "/nonexistent/cloudbk", "dangling"), ("extra.conf", f"{etc}/extra.conf", "file"),
         ("log", str(logs), "dir"),

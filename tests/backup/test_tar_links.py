@@ -159,7 +159,7 @@ def test_without_a_request_an_older_backups_absolute_link_is_refused_with_the_wa
 
 def test_link_requests_are_checked_before_anything_is_written(tmp_path: Path) -> None:
     dest = str(tmp_path / "dest")
-    tar = TarEntry("base.tar.zst", None, 0, "", 0, links=[LinkEntry("pg_wal", "/disk2/wal", LinkEntry.DIR)])
+    tar = TarEntry.single("base.tar.zst", None, 0, "", 0, links=[LinkEntry("pg_wal", "/disk2/wal", LinkEntry.DIR)])
     assert requested_links(tar, dest, True, {}) == {"pg_wal": "/disk2/wal"}
     assert requested_links(tar, dest, False, {"pg_wal/": "/x/wal"}) == {"pg_wal": "/x/wal"}
     for mapping, reason in [
@@ -169,7 +169,7 @@ def test_link_requests_are_checked_before_anything_is_written(tmp_path: Path) ->
     ]:
         with pytest.raises(UsageError, match=reason):
             requested_links(tar, dest, False, mapping)
-    older = TarEntry("base.tar.zst", None, 0, "", 0)  # before links were recorded: any name may be asked for
+    older = TarEntry.single("base.tar.zst", None, 0, "", 0)  # before links were recorded: any name may be asked for
     assert requested_links(older, dest, True, {"log": "/x/log"}) == {"log": "/x/log"}
     for name, reason in [("global", "itself"), ("recovery.signal", "itself"), ("pg_tblspc/16385", "tablespace")]:
         with pytest.raises(UsageError, match=f"{name}.*{reason}"):
@@ -185,7 +185,7 @@ def test_manifest_records_links_and_reads_older_manifests_without_them() -> None
     m = Manifest(
         id="20261121T090000Z", server="main", system_identifier="1", pg_version=150004, timeline=1, begin_lsn=0,
         end_lsn=1, begin_wal="0" * 24, end_wal="0" * 24, begin_time="t", end_time="t", wal_segment_size=1 << 24,
-        compression="zstd", tars=[TarEntry("base.tar.zst", None, 0, "", 0, links=[link])],
+        compression="zstd", tars=[TarEntry.single("base.tar.zst", None, 0, "", 0, links=[link])],
     )  # fmt: skip
     doc = json.loads(m.to_json())
     assert doc["tars"][0]["links"] == [{"path": "log", "target": "/var/log/postgresql", "type": "dir"}]

@@ -79,7 +79,7 @@ def test_target_between_two_backups_uses_the_older(file_backend: Backend, cluste
     listed = json.loads(cloudbk("backup-list", "--json", env=repo_env(file_backend)).stdout)
     assert [b["id"] for b in listed] == [first, second]
     shown = json.loads(cloudbk("backup-show", "latest", "--json", env=repo_env(file_backend)).stdout)
-    assert shown["id"] == second and shown["tars"][0]["name"] == "base.tar.zst"
+    assert shown["id"] == second and shown["tars"][0]["name"] == "base"
 
     rows, plan = _restore_and_read(clusters, file_backend, "--target-time", between)
     assert f"backup      {first}" in plan

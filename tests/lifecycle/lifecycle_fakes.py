@@ -124,7 +124,7 @@ def make_backup(
         end_time=format_time(end_time),
         wal_segment_size=SEG,
         compression="zstd",
-        tars=[TarEntry("base.tar.zst", None, 100, "0" * 64, len(TAR_BYTES))],
+        tars=[TarEntry.single("base.tar.zst", None, 100, "0" * 64, len(TAR_BYTES))],
     )
     storage.put_bytes(layout.backup_object_key(server, backup_id, "base.tar.zst"), TAR_BYTES, CREATE_ONLY)
     storage.put_bytes(layout.backup_manifest_key(server, backup_id), manifest.to_json(), CREATE_ONLY)

@@ -127,7 +127,7 @@ def test_check_passes_when_healthy_and_names_each_failure() -> None:
         assert "holds no archive for server 'main'" in lines(missing.stdout)["repository"]
 
         # -- the backup's tar loses its tail: the backup is damaged and no longer counts ---------------------
-        tar = root / layout.backup_object_key("main", backup_id, "base.tar.zst")
+        tar = root / layout.backup_object_key("main", backup_id, "base.00001.tar.zst")  # PGDATA's first volume
         with open(tar, "r+b") as f:
             f.truncate(tar.stat().st_size - 1000)
         damaged = site.cloudbk(*argv, check=False)

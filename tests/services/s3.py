@@ -23,6 +23,7 @@ from backends import Backend
 from cloudbk.storage.s3writer import DEFAULT_PART_SIZE
 
 from .proc import RestartableService, ServiceProcess, find_tool, free_port
+from .tls import TlsFiles
 
 BUCKET = "cloudbk-test"  # SeaweedFS rejects bucket names shorter than 3 characters, as S3 does
 REGION = "us-east-1"
@@ -40,6 +41,7 @@ class S3Service(RestartableService):
         secret_key: str,
         checks_credentials: bool,
         leftovers: Sequence[Path] = (),
+        ca_file: Path | None = None,
     ) -> None:
         self.name = name
         self.process = process
@@ -48,13 +50,17 @@ class S3Service(RestartableService):
         self.checks_credentials = checks_credentials
         self.bucket = BUCKET
         self.leftovers = list(leftovers)  # unix sockets a killed server leaves behind
+        self.ca_file = ca_file  # set when the server speaks HTTPS: the CA that signed its certificate
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.process.port}"
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.process.port}"
 
     def env(self, endpoint_url: str | None = None, secret_key: str | None = None) -> dict[str, str]:
+        tls = {"AWS_CA_BUNDLE": str(self.ca_file)} if self.ca_file is not None else {}
         return {
+            **tls,
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key,
             "AWS_SESSION_TOKEN": "",  # never mix in a token from the developer's environment
@@ -108,6 +114,7 @@ class S3Service(RestartableService):
             endpoint_url=self.endpoint_url,
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
+            verify=str(self.ca_file) if self.ca_file is not None else None,
             config=Config(
                 s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=10
             ),
@@ -216,8 +223,12 @@ def start_moto(log_dir: Path) -> S3Service:
     return _start_or_fail(S3Service("s3-moto", process, "test", "test", checks_credentials=False))
 
 
-def start_seaweedfs(home: Path, log_dir: Path) -> S3Service:
-    """Start SeaweedFS's S3 gateway (`weed mini`) with data under ``home``, every port pinned to loopback."""
+def start_seaweedfs(home: Path, log_dir: Path, tls: TlsFiles | None = None) -> S3Service:
+    """Start SeaweedFS's S3 gateway (`weed mini`) with data under ``home``, every port pinned to loopback.
+
+    With ``tls`` the S3 port speaks HTTPS only, with that certificate (see :mod:`services.tls`); the
+    service's ``env()`` then names the CA in ``AWS_CA_BUNDLE``. Without it (the tests' default) plain HTTP.
+    """
     data, config = home / "data", home / "config"
     data.mkdir()
     config.mkdir()  # an empty -config_dir: no security.toml/filer.toml from ~/.seaweedfs or /etc/seaweedfs
@@ -282,9 +293,19 @@ def start_seaweedfs(home: Path, log_dir: Path) -> S3Service:
             local = Path(f"/tmp/seaweedfs-{component}-{ports[port_name]}.sock")
             leftovers.append(local)
         argv.append(f"-{component}.localSocket={local}")
+    if tls is not None:
+        argv += [f"-s3.cert.file={tls.cert}", f"-s3.key.file={tls.key}"]
     process = ServiceProcess("seaweedfs", argv, ports["s3.port"], log_dir, cwd=str(home))
     return _start_or_fail(
-        S3Service("s3-seaweedfs", process, access_key, secret_key, checks_credentials=True, leftovers=leftovers)
+        S3Service(
+            "s3-seaweedfs",
+            process,
+            access_key,
+            secret_key,
+            checks_credentials=True,
+            leftovers=leftovers,
+            ca_file=tls.ca if tls is not None else None,
+        )
     )
 
 
