@@ -21,6 +21,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
+
+TYPE_CHECKING = False  # typing itself costs import time on the fast path
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 LOCK_FILE = "worker.lock"
 LOG_FILE = "worker.log"
@@ -43,6 +48,16 @@ def postmaster_pid(datadir: str) -> int | None:
 def postmaster_is_pid1(datadir: str) -> bool:
     """Whether the server of ``datadir`` runs as PID 1 (in its PID namespace): no detached worker then."""
     return postmaster_pid(datadir) == 1
+
+
+def pid1_is_postgres() -> bool:
+    """Whether PID 1 (in our PID namespace) is a PostgreSQL server: a worker started where no ``postmaster.pid``
+    tells us yet (``restore`` filling the prefetch spool) would be re-parented to it."""
+    try:
+        with open("/proc/1/comm", "rb") as f:
+            return f.read().strip() in (b"postgres", b"postmaster")
+    except OSError:
+        return False
 
 
 def lock_path(state_dir: str) -> str:
@@ -109,3 +124,43 @@ def spawn_detached(argv: list[str], state_dir: str, environ: dict[str, str]) -> 
         (os.POSIX_SPAWN_OPEN, 2, log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
     ]
     return os.posix_spawn(argv[0], argv, environ, file_actions=actions, setsid=True)
+
+
+def run_worker(label: str, body: Callable[[], None]) -> None:
+    """Run a detached worker's ``body`` with the rules above, and end the process with status 0, always.
+
+    SIGTERM and SIGINT end it at once (status 0), SIGHUP is ignored, log records go to stderr (the worker's log
+    file) through the redacting formatter, and any error is logged, never turned into another exit status."""
+    import logging
+    import signal
+
+    from cloudbk.cli.main import RedactingFormatter
+
+    log = logging.getLogger("cloudbk")
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("%s %d stopped by signal %d", label, os.getpid(), signum)
+        logging.shutdown()
+        os._exit(0)  # at once: what a worker leaves half done is never visible to a call
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = f"%(asctime)s cloudbk {label}[%(process)d]: %(levelname)s: %(message)s"
+        handler.setFormatter(RedactingFormatter(fmt))
+        log.handlers[:] = [handler]
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        body()
+    except BaseException:
+        try:
+            log.exception("%s stopped", label)
+        except BaseException:
+            pass
+    finally:
+        try:
+            logging.shutdown()
+        finally:
+            os._exit(0)

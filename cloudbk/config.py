@@ -12,6 +12,7 @@
 | push_ahead     | --push-ahead       | CLOUDBK_PUSH_AHEAD                           | push_ahead      |
 | jobs           | --jobs             | CLOUDBK_JOBS                                 | jobs            |
 | volume_size    | --volume-size      | CLOUDBK_VOLUME_SIZE                          | volume_size     |
+| prefetch       | --prefetch         | CLOUDBK_PREFETCH                             | prefetch        |
 | config file    | --config           | CLOUDBK_CONFIG                               |                 |
 
 The lifecycle commands (retention, delete, keep, check) read two tables the same way, flags > env > file:
@@ -53,9 +54,10 @@ if TYPE_CHECKING:
 DEFAULT_SERVER = "main"
 WAL_RETRY_DEADLINE = 60.0
 DEFAULT_PUSH_AHEAD = 8  # files the push-ahead worker uploads at once (cloudbk.wal.ahead); 0 turns it off
+DEFAULT_PREFETCH = 8  # segments the prefetcher keeps ready for restore_command (cloudbk.wal.prefetch); 0: off
 _SCALARS = (
     "repo", "server", "endpoint_url", "compression", "dbname", "pgdata", "retry_deadline", "jobs", "volume_size",
-    "push_ahead",
+    "push_ahead", "prefetch",
 )  # fmt: skip
 _ENV = {
     "repo": ("CLOUDBK_REPO",),
@@ -67,6 +69,7 @@ _ENV = {
     "push_ahead": ("CLOUDBK_PUSH_AHEAD",),
     "jobs": ("CLOUDBK_JOBS",),
     "volume_size": ("CLOUDBK_VOLUME_SIZE",),
+    "prefetch": ("CLOUDBK_PREFETCH",),
 }
 _SIZE_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
 RETENTION_KEYS = ("redundancy", "recovery_window", "minimum_redundancy", "stale_upload_age")
@@ -89,6 +92,7 @@ class Settings:
     jobs: int | None = None
     #: bytes of file content per backup volume; None: the use case's default
     volume_size: int | None = None
+    prefetch: int = DEFAULT_PREFETCH
     verbose: bool = False
     config_file: str | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -191,6 +195,10 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
             raise UsageError(f"jobs {settings.jobs} must be at least 1")
     if "volume_size" in values:
         settings.volume_size = parse_size(values["volume_size"], "volume size")
+    if "prefetch" in values:
+        settings.prefetch = _int(values["prefetch"], "prefetch window (--prefetch, CLOUDBK_PREFETCH)")
+        if settings.prefetch < 0:
+            raise UsageError("the prefetch window must be 0 (off) or more segments")
     return settings
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -75,6 +75,8 @@ class RestoreOptions:
     link_map: dict[str, str] = field(default_factory=dict)  # NAME -> PATH: recreate link NAME pointing at PATH
     force: bool = False
     jobs: int = DEFAULT_JOBS  # volumes downloaded and extracted at once
+    # called with (dest, owner) once DEST exists, before extraction (the CLI starts the WAL prefetch there)
+    on_extract: Callable[[str, tuple[int, int] | None], None] | None = None
 
 
 @dataclass
@@ -380,6 +382,8 @@ def restore(
         st = os.stat(dest)
         owner = (st.st_uid, st.st_gid) if st.st_uid != 0 else None
     _make_dirs(dest, list(targets.values()), owner)
+    if options.on_extract is not None:
+        options.on_extract(dest, owner)
 
     start = time.monotonic()
     progress.start(f"restore {manifest.id}", manifest.data_size)

@@ -73,6 +73,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if storage is not None:
             storage.close()
+    if settings.pgdata:
+        from cloudbk.wal import spool
+
+        if not spool.in_recovery(settings.pgdata):
+            spool.clean(settings.pgdata)  # a prefetch spool outlives recovery only until the next call or check
     # the report quotes server settings such as archive_command: never a URL's password
     if args.json:
         print(redact_text(json.dumps(report.to_dict(), indent=1)))

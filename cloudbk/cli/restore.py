@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cloudbk.cli.common import LONG_RETRY_DEADLINE, open_repo, terminate_on_sigterm
@@ -66,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "space looks too small",
     )
     parser.add_argument(
+        "--prefetch", metavar="N",
+        help="WAL segments prefetched while the backup extracts and during recovery (default 8, env "
+        "CLOUDBK_PREFETCH); given, it is written into restore_command too; 0 turns prefetch off",
+    )  # fmt: skip
+    parser.add_argument(
         "--dry-run", action="store_true",
         help="make every check restore makes before writing (plan, missing WAL, volumes, destinations, free space), "
         "print the result and write nothing; exit nonzero exactly when restore would refuse",
@@ -109,7 +115,7 @@ def _mapping(values: list[str], flag: str = "--tablespace-mapping", form: str = 
     return mapping
 
 
-def restore_command(settings: Settings, repo: str) -> str:
+def restore_command(settings: Settings, repo: str, prefetch: str | None = None) -> str:
     """``cloudbk-wal-fetch`` with the repository settings, by absolute path (the server's PATH may lack it)."""
     here = os.path.dirname(os.path.abspath(sys.argv[0]))
     candidates = [
@@ -120,6 +126,8 @@ def restore_command(settings: Settings, repo: str) -> str:
     argv = [fetch, "--repo", repo, "--server", settings.server]
     if settings.endpoint_url:
         argv += ["--endpoint-url", strip_userinfo(settings.endpoint_url)]  # never user:password@
+    if prefetch is not None:
+        argv += ["--prefetch", str(settings.prefetch)]
     return " ".join(shlex.quote(a) for a in argv) + " %f %p"
 
 
@@ -137,7 +145,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     check_backup_arg(args.backup)
     options = RestoreOptions(
         dest=args.dest,
-        restore_command=restore_command(settings, repo),
+        restore_command=restore_command(settings, repo, args.prefetch),
         target=target,
         backup_id=args.backup,
         target_action=args.target_action,
@@ -146,8 +154,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         link_all=args.link_all,
         link_map=_mapping(args.link_map, "--link-map", "NAME=PATH"),
         force=args.force,
-        **({} if settings.jobs is None else {"jobs": settings.jobs}),
     )
+    if settings.jobs is not None:
+        options.jobs = settings.jobs
     check_destinations(os.path.abspath(args.dest), {})  # fail before any storage work
     with terminate_on_sigterm():
         storage = open_repo(settings, LONG_RETRY_DEADLINE)
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 _warn_beyond_reach(plan)
             else:
                 check_complete(plan)  # after the plan is printed, so the refusal has its context
+            options.on_extract = _prefetch_hook(settings, repo, plan, manifest, options)
             result = restore(storage, settings.server, plan, manifest, options, ConsoleProgress())
         finally:
             storage.close()
@@ -177,6 +187,52 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "(or run restore as the server's OS user)", result.dest)  # fmt: skip
     print(f"next: pg_ctl -D {result.dest} start   (as the server's OS user; the recovery runs on start)")
     return 0
+
+
+def _prefetch_hook(
+    settings: Settings, repo: str, plan: object, manifest: object, options: object
+) -> Callable[[str, tuple[int, int] | None], None]:
+    """What restore does once DEST exists: record this restore's id in it (the prefetch spool's generation,
+    docs/wal.md) and start filling the spool with the plan's first segments while the base backup extracts."""
+    from cloudbk.backup.restore import RestoreOptions
+    from cloudbk.pg.walnames import segment_name
+    from cloudbk.repo.manifest import Manifest
+    from cloudbk.repo.pitr import RecoveryPlan
+
+    assert isinstance(plan, RecoveryPlan) and isinstance(manifest, Manifest) and isinstance(options, RestoreOptions)
+
+    def start(dest: str, owner: tuple[int, int] | None) -> None:
+        import uuid
+
+        from cloudbk.wal import prefetch, spool
+
+        path = os.path.join(dest, spool.RESTORE_ID_FILE)
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(f"{uuid.uuid4().hex} {manifest.id}\n")
+            if owner is not None:
+                os.chown(path, *owner)
+        except OSError as exc:
+            log.warning("cannot write %s (%s): a prefetch spool is then tied to the data directory alone", path, exc)
+        base = next((t for t in manifest.tars if t.tablespace_oid is None), None)
+        if not plan.stretches or base is None or base.links is None or options.link_all or options.link_map:
+            return  # pg_wal may come as a link (an older backup's tar member, or asked for): made by the tar
+        first = plan.stretches[0]
+        flags = {"repo": repo, "server": settings.server, "endpoint_url": None}
+        if settings.endpoint_url:
+            flags["endpoint_url"] = strip_userinfo(settings.endpoint_url)
+        try:
+            pid = prefetch.start_for_restore(
+                dest, owner, flags, settings, segment_name(first.timeline, first.first, plan.segment_size),
+                plan.target_timeline, manifest.system_identifier, plan.segment_size,
+            )  # fmt: skip
+        except OSError as exc:
+            log.warning("WAL prefetch not started (%s); the server fetches each segment when it asks", exc)
+            return
+        if pid is not None:
+            log.info("prefetching the first WAL segments into %s/pg_wal while the backup is extracted", dest)
+
+    return start
 
 
 def _dry_run(storage: Storage, server: str, plan: RecoveryPlan, manifest: Manifest, options: RestoreOptions,

@@ -17,6 +17,10 @@ any other error (config, local disk)  126                 its code (3/4)  its co
 working directory PostgreSQL runs restore_command in. 126 is above 125, so PostgreSQL raises FATAL and stops
 instead of promoting (xlogarchive.c, RestoreArchivedFile); it is not 143, which reads as SIGTERM. A standby
 treats any other nonzero exit as "not available yet" and retries after ``wal_retrieve_retry_interval``.
+
+In recovery a call first looks in the prefetch spool (docs/wal.md, "Prefetch"): the exact name, verified, of
+this recovery's generation, is 0; anything about the spool — a miss, an error, a dead prefetcher — only means
+the fetch below runs, and its outcome is the exit code.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ log = logging.getLogger("cloudbk")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="WAL_NAME", help="the WAL file name to restore (%%f in restore_command)")
     parser.add_argument("dest", metavar="DEST_PATH", help="where to write it (%%p in restore_command)")
+    parser.add_argument(
+        "--prefetch",
+        metavar="N",
+        help="segments a background prefetcher downloads ahead of PostgreSQL's calls during recovery; 0 turns it "
+        "off (default 8, env CLOUDBK_PREFETCH)",
+    )
 
 
 def exit_code_for(exc: CloudbkError, args: argparse.Namespace | None) -> int:
@@ -63,9 +73,27 @@ def exit_code_for(exc: CloudbkError, args: argparse.Namespace | None) -> int:
     return code
 
 
+def _from_spool(args: argparse.Namespace, settings: Settings) -> bool:
+    """Whether the prefetch spool served the file; also (re)starts the prefetcher, or removes a stale spool.
+    Never raises: a prefetch failure only means this call fetches the file itself (SPEC §3.3)."""
+    from cloudbk.wal.prefetch import before_fetch
+
+    try:
+        sha256 = before_fetch(args.name, args.dest, vars(args), settings)
+    except Exception as exc:
+        log.warning("prefetch spool not used: %s", exc)
+        return False
+    if sha256 is None:
+        return False
+    log.info("%s served from the prefetch spool (sha256 %s…)", args.name, sha256[:16])
+    return True
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cloudbk.wal.fetch import fetch_wal
 
+    if _from_spool(args, settings):
+        return 0
     with terminate_on_sigterm():
         storage = open_repo(settings)
         try:

@@ -35,6 +35,7 @@ EXCLUDED_FILES = frozenset(
         BACKUP_LABEL,  # a stale one must not shadow the label the backup writes
         TABLESPACE_MAP,
         "backup_manifest",
+        "cloudbk_restore_id",  # the restore that made this directory (cloudbk.wal.spool): not a backup's
     }
 )
 EXCLUDED_PREFIXES = ("pg_internal.init", "pgsql_tmp")

@@ -313,35 +313,6 @@ def _serve(wal_dir: str, flags: dict[str, str]) -> None:
 def main() -> None:
     """The worker process (``python -c 'from cloudbk.wal.ahead import main; main()' WAL_DIR --flag=value ...``).
 
-    Always exits 0: an error is logged, and PostgreSQL's next call for the file pushes it itself and reports."""
-    import signal
-
-    from cloudbk.cli.main import RedactingFormatter
-
-    def stop(signum: int, frame: object) -> None:
-        log.info("push-ahead worker %d stopped by signal %d", os.getpid(), signum)
-        logging.shutdown()
-        os._exit(0)  # at once: in-flight uploads are create-only, and PostgreSQL's calls push them again
-
-    try:
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(asctime)s cloudbk push-ahead[%(process)d]: %(levelname)s: %(message)s"
-        handler.setFormatter(RedactingFormatter(fmt))
-        root = logging.getLogger("cloudbk")
-        root.handlers[:] = [handler]
-        root.setLevel(logging.INFO)
-        root.propagate = False
-        _serve(sys.argv[1], _flags(sys.argv[2:]))
-    except BaseException:
-        try:
-            log.exception("push-ahead worker stopped")
-        except BaseException:
-            pass
-    finally:
-        try:
-            logging.shutdown()
-        finally:
-            os._exit(0)
+    Always exits 0 (:func:`cloudbk.background.run_worker`): an error is logged, and PostgreSQL's next call for the
+    file pushes it itself and reports."""
+    background.run_worker("push-ahead", lambda: _serve(sys.argv[1], _flags(sys.argv[2:])))

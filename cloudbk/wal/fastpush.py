@@ -18,67 +18,22 @@ import sys
 import time
 
 from cloudbk.background import is_running
-from cloudbk.wal import marker
+from cloudbk.wal import fastargs, marker
 
 TYPE_CHECKING = False  # typing itself costs import time on the fast path
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 # long options of wal-push and the Settings name each fills (None: accepted, not needed here)
-_VALUE_FLAGS: dict[str, str | None] = {
-    "--config": "config",
-    "--repo": "repo",
-    "--server": "server",
-    "--endpoint-url": "endpoint_url",
-    "--retry-deadline": "retry_deadline",
-    "--push-ahead": "push_ahead",
-    "--compression": None,
-    "--dbname": None,
-    "--pgdata": None,
-}
-_BOOL_FLAGS = ("-v", "--verbose")
+_VALUE_FLAGS: dict[str, str | None] = {**fastargs.COMMON_FLAGS, "--push-ahead": "push_ahead"}
 DEFAULT_WAIT = 60.0  # seconds: the WAL commands' default retry deadline (cloudbk.config.WAL_RETRY_DEADLINE)
 GRACE = 2.0  # seconds a live worker may take to notice a .ready file before the call pushes it itself
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[dict[str, str], str] | None:
     """(flags by Settings name, WAL path), or None when the line needs the real parser."""
-    flags: dict[str, str] = {}
-    path: str | None = None
-    words = iter(argv)
-    for word in words:
-        if word == "--":
-            rest = list(words)
-            if len(rest) != 1 or path is not None:
-                return None
-            path = rest[0]
-            break
-        if word.startswith("-") and word != "-":
-            option, sep, value = word.partition("=")
-            if option in _BOOL_FLAGS and not sep:
-                continue
-            if option not in _VALUE_FLAGS:
-                return None
-            if not sep:
-                following = next(words, None)
-                if following is None:
-                    return None
-                value = following
-            name = _VALUE_FLAGS[option]
-            if name is not None:
-                flags[name] = value
-            continue
-        if path is not None:
-            return None
-        path = word
-    return (flags, path) if path else None
-
-
-def _seconds(value: str | None, default: float) -> float:
-    try:
-        return max(0.0, float(value)) if value else default
-    except ValueError:
-        return default
+    parsed = fastargs.parse(argv, _VALUE_FLAGS, 1)
+    return None if parsed is None else (parsed[0], parsed[1][0])
 
 
 def wait_for_marker(path: str, flags: Mapping[str, object], environ: Mapping[str, str], starting: bool = False) -> bool:
@@ -89,7 +44,7 @@ def wait_for_marker(path: str, flags: Mapping[str, object], environ: Mapping[str
     sdir = marker.state_dir(wal_dir, ident)
     base = os.path.join(sdir, name)
     deadline_value = flags.get("retry_deadline") or environ.get("CLOUDBK_RETRY_DEADLINE")
-    give_up = time.monotonic() + _seconds(str(deadline_value) if deadline_value else None, DEFAULT_WAIT)
+    give_up = time.monotonic() + fastargs.seconds(str(deadline_value) if deadline_value else None, DEFAULT_WAIT)
     start = time.monotonic()
     pause = 0.002
     while True:

@@ -45,6 +45,12 @@ IDENTITY_ENV = (
     "AWS_CONFIG_FILE",
     "STORAGE_EMULATOR_HOST",
 )
+# environment variables a flag makes irrelevant (cloudbk.config: flags win over the environment)
+_OVERRIDDEN = {
+    "repo": ("CLOUDBK_REPO",),
+    "server": ("CLOUDBK_SERVER",),
+    "endpoint_url": ("CLOUDBK_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+}
 # the parts of an Azure connection string that name the account and endpoint (never its key or SAS)
 _AZURE_FIELDS = ("accountname", "blobendpoint", "endpointsuffix", "defaultendpointsprotocol")
 
@@ -65,14 +71,18 @@ def identity(flags: Mapping[str, object], environ: Mapping[str, str]) -> dict[st
     """The settings identity of a call: flag and environment values that choose the repository and server.
 
     The config file is identified by its path and (device, inode, size, mtime), not parsed: parsing TOML costs
-    more than the whole fast path. Any change to the file makes a new identity (a new state directory)."""
+    more than the whole fast path. Any change to the file makes a new identity (a new state directory).
+    An environment variable that a given flag overrides is left out: ``--repo X`` archives into X whatever
+    ``CLOUDBK_REPO`` says, so ``restore`` (which writes the flags into restore_command) and the server agree."""
     items: dict[str, str] = {}
+    ignored: set[str] = set()
     for key in IDENTITY_FLAGS:
         value = flags.get(key)
         if value is not None and value != "":
             items[f"flag.{key}"] = _safe(str(value))
+            ignored.update(_OVERRIDDEN.get(key, ()))
     for name in IDENTITY_ENV:
-        value = environ.get(name)
+        value = None if name in ignored else environ.get(name)
         if value:
             items[f"env.{name}"] = _safe(value)
     connection_string = environ.get("AZURE_STORAGE_CONNECTION_STRING")
@@ -91,9 +101,11 @@ def identity(flags: Mapping[str, object], environ: Mapping[str, str]) -> dict[st
     return items
 
 
-def state_dir(wal_dir: str, ident: Mapping[str, str]) -> str:
+def state_dir(wal_dir: str, ident: Mapping[str, str], kind: str = STATE_DIR) -> str:
+    """``pg_wal/<kind>/<id>``: one directory per settings identity (``cloudbk-push``; ``cloudbk-fetch`` for the
+    prefetch spool)."""
     text = "\n".join(f"{k}={v}" for k, v in sorted(ident.items()))
-    return os.path.join(wal_dir, STATE_DIR, f"{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}")
+    return os.path.join(wal_dir, kind, f"{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}")
 
 
 def format_marker(
@@ -105,9 +117,10 @@ def format_marker(
     return "\n".join(lines) + "\n"
 
 
-def parse_marker(text: str) -> dict[str, str] | None:
+def parse_marker(text: str, version: str = MARKER_VERSION) -> dict[str, str] | None:
+    """The fields of a note whose first line is ``version`` (a push marker, or a prefetch spool voucher)."""
     lines = text.split("\n")
-    if not lines or lines[0] != MARKER_VERSION or not text.endswith("\n"):
+    if not lines or lines[0] != version or not text.endswith("\n"):
         return None  # another version, or torn by a crash before it reached the disk: not a voucher
     fields: dict[str, str] = {}
     for line in lines[1:-1]:

@@ -354,7 +354,8 @@ def test_the_hit_path_loads_the_standard_library_only() -> None:
     assert verdict == "True", proc.stderr
     loaded = set(modules.split())
     assert {m for m in loaded if m.startswith("cloudbk")} == {
-        "cloudbk", "cloudbk.background", "cloudbk.wal", "cloudbk.wal.fastpush", "cloudbk.wal.marker"
+        "cloudbk", "cloudbk.background", "cloudbk.wal", "cloudbk.wal.fastargs", "cloudbk.wal.fastpush",
+        "cloudbk.wal.marker",
     }  # fmt: skip
     for heavy in ("site", "typing", "argparse", "json", "tomllib", "hashlib", "logging", "botocore", "zstandard"):
         assert heavy not in loaded, heavy

@@ -3,8 +3,9 @@
 The storage is cut with a TCP proxy between PostgreSQL's restore_command and the emulator (connections refused
 and reset, as when the storage host vanishes); the primary archives through a direct connection.
 
-- Archive recovery (PITR): PostgreSQL must stop with FATAL and must not promote; started again once the storage
-  is back, it completes recovery to the target with all the data.
+- Archive recovery (PITR), with the prefetch spool on (a small window, so the cut comes with segments still to
+  fetch): PostgreSQL must stop with FATAL and must not promote, whatever the prefetcher has or has not spooled;
+  started again once the storage is back, it completes recovery to the target with all the data.
 - Standby: wal-fetch exits 2, the standby keeps retrying, and catches up when the storage returns.
 """
 
@@ -20,7 +21,7 @@ from walhelpers import Outage, cloudbk_env
 
 from cloudbk.repo.index import load_index
 
-SEGMENTS_AFTER_BACKUP = 6
+SEGMENTS_AFTER_BACKUP = 10
 PROBE_DEADLINE = "0.5"  # the probes below only need to see the outage, not wait it out
 RESTORED = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 
@@ -96,7 +97,7 @@ def test_pitr_stops_on_storage_outage_and_completes_after_restart(
     finally:
         primary.destroy()
 
-    env = cloudbk_env(outage.proxied)
+    env = cloudbk_env(outage.proxied, CLOUDBK_PREFETCH="2")
     restored = _restore(
         tar,
         "pitr",
@@ -143,6 +144,7 @@ def test_pitr_stops_on_storage_outage_and_completes_after_restart(
         assert restored.sql("select count(*) from t where phase = 3") == "0"
         assert restored.sql("select substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)") == "00000002"
         assert restored_before == RESTORED.findall(_log(restored))[: len(restored_before)]
+        assert "served from the prefetch spool" in _log(restored), "prefetch was not on"
 
         # the promoted server archives its new timeline into the same repository
         restored.sql("create table after_pitr as select 1 as x")
