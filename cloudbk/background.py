@@ -25,6 +25,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs import time on the fast path
 if TYPE_CHECKING:
+    import logging
     from collections.abc import Callable
 
 LOCK_FILE = "worker.lock"
@@ -164,3 +165,24 @@ def run_worker(label: str, body: Callable[[], None]) -> None:
             logging.shutdown()
         finally:
             os._exit(0)
+
+
+def off_for_pid1(datadir: str, state_root: str, what: str, log: logging.Logger) -> bool:
+    """True when the postmaster of ``datadir`` is PID 1, so no ``what`` worker may start; warns once per
+    ``state_root`` (a file there remembers it)."""
+    if not postmaster_is_pid1(datadir):
+        return False
+    warned = os.path.join(state_root, "pid1-warned")
+    if not os.path.exists(warned):
+        log.warning(
+            "%s is off: PostgreSQL runs as PID 1, and a background process it reaps could make it restart every "
+            "session. Run the container with an init process (docker run --init, tini) to get it back; every "
+            "file is still handled, one call at a time",
+            what,
+        )
+        try:
+            with open(warned, "x"):
+                pass
+        except OSError:
+            pass
+    return True

@@ -246,15 +246,7 @@ def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) ->
     except OSError as exc:
         log.warning("push-ahead off: cannot create %s (%s)", sdir, exc.strerror)
         return False
-    if background.postmaster_is_pid1(os.path.dirname(wal_dir)):
-        warned = os.path.join(os.path.dirname(sdir), "pid1-warned")
-        if not os.path.exists(warned):
-            log.warning(
-                "push-ahead is off: PostgreSQL runs as PID 1, and a background worker it reaps could make it "
-                "restart every session. Run the container with an init process (docker run --init, tini) to "
-                "archive faster; every file is still archived, one call at a time"
-            )
-            marker.write_atomically(warned, "")
+    if background.off_for_pid1(os.path.dirname(wal_dir), os.path.dirname(sdir), "push-ahead", log):
         return False
     if background.is_running(sdir):
         return False

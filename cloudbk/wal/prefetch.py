@@ -332,15 +332,7 @@ def before_fetch(name: str, dest: str, flags: Mapping[str, object], settings: Se
         return None
     spool.note_wanted(sdir, name)
     sha256 = spool.serve(name, dest, flags, settings.environ)
-    if background.postmaster_is_pid1(datadir):
-        warned = os.path.join(os.path.dirname(sdir), "pid1-warned")
-        if not os.path.exists(warned):
-            log.warning(
-                "prefetch is off: PostgreSQL runs as PID 1, and a background process it reaps could make it restart "
-                "every session. Run the container with an init process (docker run --init, tini) to prefetch; "
-                "every file is still fetched, one call at a time"
-            )
-            marker.write_atomically(warned, "")
+    if background.off_for_pid1(datadir, os.path.dirname(sdir), "prefetch", log):
         return sha256
     pid = spool.start_prefetcher(datadir, sdir, flags, settings.environ)
     if pid is not None:

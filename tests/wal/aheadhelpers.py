@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgcluster import BIN_DIR, new_dir
-from walhelpers import write_file, write_segment
+from pgcluster import BIN_DIR
+from walhelpers import scratch, write_file, write_segment
 
 from cloudbk import background
 from cloudbk.pg import walnames
@@ -21,14 +21,6 @@ from cloudbk.wal.ahead import pg_order
 
 PR_SET_CHILD_SUBREAPER = 36
 HIT = "archived by push-ahead"
-#: directories made by :func:`scratch`, removed by the tests' cleanup fixture (segments are 16 MiB each)
-MADE: list[Path] = []
-
-
-def scratch(tag: str) -> Path:
-    path = new_dir(tag)
-    MADE.append(path)
-    return path
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backends import Backend
 from pgcluster import BIN_DIR, new_dir
-from walhelpers import SYSID, write_file, write_segment
+from walhelpers import SYSID, scratch, write_file, write_segment
 
 from cloudbk import background
 from cloudbk.pg import walnames
@@ -27,19 +27,6 @@ from cloudbk.wal.push import index_change, stage_wal
 
 SERVED = "served from the prefetch spool"
 RECOVERYXLOG = "pg_wal/RECOVERYXLOG"
-_MADE: list[Path] = []
-
-
-def scratch(tag: str) -> Path:
-    """A directory owned by the PostgreSQL user, removed by :func:`remove_scratch` (segments are 16 MiB each)."""
-    path = new_dir(tag)
-    _MADE.append(path)
-    return path
-
-
-def remove_scratch() -> None:
-    while _MADE:
-        shutil.rmtree(_MADE.pop(), ignore_errors=True)
 
 
 def sha256_of(data: bytes) -> str:

@@ -27,12 +27,10 @@ from prefetchhelpers import (
     archive_file,
     archive_segments,
     corrupt_object,
-    remove_scratch,
-    scratch,
     segment,
     sha256_of,
 )
-from walhelpers import cloudbk_env, segment_bytes
+from walhelpers import cloudbk_env, remove_scratch, scratch, segment_bytes
 
 from cloudbk import background
 from cloudbk.pg.walnames import HistoryEntry, parse_lsn

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aheadhelpers import MADE, Archiver, Reaper, history_bytes, history_name, scratch
+from aheadhelpers import Archiver, Reaper, history_bytes, history_name
 from backends import Backend, process_backend, selected
 from pgcluster import PG_BIN, PgCluster, run_as_pg
-from walhelpers import cloudbk_env
+from walhelpers import cloudbk_env, remove_scratch, scratch
 
 from cloudbk import background
 from cloudbk.pg.walnames import parse_wal_name
@@ -47,8 +47,7 @@ def replay_backend(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture(autouse=True)
 def _remove_scratch() -> Iterator[None]:
     yield
-    while MADE:
-        shutil.rmtree(MADE.pop(), ignore_errors=True)
+    remove_scratch()
 
 
 @pytest.fixture

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import struct
 from pathlib import Path
 
 from backends import Backend
+from pgcluster import new_dir
 from services.proxy import TcpProxy
 
 from cloudbk.pg import walnames as wal
@@ -47,6 +49,21 @@ def write_file(directory: Path, name: str, data: bytes) -> Path:
     path = directory / name
     path.write_bytes(data)
     return path
+
+
+_MADE: list[Path] = []
+
+
+def scratch(tag: str) -> Path:
+    """A directory owned by the PostgreSQL user, removed by :func:`remove_scratch` (segments are 16 MiB each)."""
+    path = new_dir(tag)
+    _MADE.append(path)
+    return path
+
+
+def remove_scratch() -> None:
+    while _MADE:
+        shutil.rmtree(_MADE.pop(), ignore_errors=True)
 
 
 #: Short enough to keep the outage tests fast, long enough to ride out a slow emulator request.
