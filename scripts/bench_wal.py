@@ -87,7 +87,10 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
     version = "not installed"
     if shutil.which("pgbackrest"):
         version = subprocess.run(["pgbackrest", "version"], capture_output=True, text=True).stdout.split()[-1]
+    probe = [str(Path(sys.executable).parent / "python"), "-c", "import cloudbk; print(cloudbk.__file__)"]
+    measured = subprocess.run(probe, capture_output=True, text=True, cwd="/").stdout.strip()
     return {
+        "cloudbk_measured": measured,  # the package the commands under test import (this venv's)
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
         "segments": args.segments,
