@@ -140,11 +140,15 @@ def main() -> None:
         if wants_peer:
             from benchlib.main import run_phases
 
-            results.update(run_phases(args, work))
+            run_phases(args, work, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        report(args, results, bool(wants_peer))  # also what finished before an error
+
+
+def report(args: argparse.Namespace, results: dict[str, Any], tables: bool) -> None:
     results["meta"]["loadavg_at_end"] = os.getloadavg()
-    if wants_peer:
+    if tables:
         from benchlib.report import render
 
         print(render(results))
