@@ -87,7 +87,10 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
     version = "not installed"
     if shutil.which("pgbackrest"):
         version = subprocess.run(["pgbackrest", "version"], capture_output=True, text=True).stdout.split()[-1]
+    probe = [str(Path(sys.executable).parent / "python"), "-c", "import cloudbk; print(cloudbk.__file__)"]
+    measured = subprocess.run(probe, capture_output=True, text=True, cwd="/").stdout.strip()
     return {
+        "cloudbk_measured": measured,  # the package the commands under test import (this venv's)
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
         "segments": args.segments,
@@ -137,11 +140,15 @@ def main() -> None:
         if wants_peer:
             from benchlib.main import run_phases
 
-            results.update(run_phases(args, work))
+            run_phases(args, work, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        report(args, results, bool(wants_peer))  # also what finished before an error
+
+
+def report(args: argparse.Namespace, results: dict[str, Any], tables: bool) -> None:
     results["meta"]["loadavg_at_end"] = os.getloadavg()
-    if wants_peer:
+    if tables:
         from benchlib.report import render
 
         print(render(results))

@@ -84,6 +84,8 @@ def put_ceiling(endpoint: Endpoint, segments: list[Path], threads: int = 8) -> d
     wall = time.perf_counter() - start
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage1.ru_utime - usage0.ru_utime + usage1.ru_stime - usage0.ru_stime
+    for key, _ in bodies:  # a GiB of uncompressed copies: give the disk back
+        client.delete_object(Bucket=endpoint.bucket, Key=key)
     client.close()
     return {
         "segments": len(segments),

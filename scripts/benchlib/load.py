@@ -134,6 +134,7 @@ def load_mode(cluster: PgCluster, command: str, seconds: int, clients: int, drai
 
 
 def load_phase(
+    results: dict[str, Any],
     server_env: Mapping[str, str],
     cloudbk_commands: Mapping[str, str],
     pgbackrest_home: Path,
@@ -143,8 +144,9 @@ def load_phase(
     clients: int,
     drain: float,
     service_pids: list[int],
-) -> dict[str, Any]:
-    """Each mode under the same load. ``service_pids`` gets the postmaster's PID while the cluster runs."""
+) -> None:
+    """Each mode under the same load, into ``results`` as it finishes. ``service_pids`` gets the postmaster's
+    PID while the cluster runs."""
     cluster = start_load_cluster(server_env, scale)
     try:
         service_pids.append(postmaster_pid(cluster))
@@ -153,13 +155,11 @@ def load_phase(
         )
         pgbackrest.create_stanza()
         modes = {**cloudbk_commands, "pgBackRest async": pgbackrest.archive_command()}
-        results: dict[str, Any] = {}
         for mode, command in modes.items():
             results[mode] = load_mode(cluster, command, seconds, clients, drain)
             r = results[mode]
             print(f"  load {mode}: {r['wal_mib_per_s']:.1f} MiB/s WAL, backlog ≤ {r['largest_ready_backlog']}, "
                   f"failed {r['failed_count']}", file=sys.stderr)  # fmt: skip
-        return results
     finally:
         cluster.destroy()
 

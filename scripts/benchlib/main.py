@@ -14,9 +14,9 @@ from .load import load_phase
 from .peers import Barman, barman_available, write_pgbackrest_config
 from .phases import SERVER, Bench, fetch_phase, hit_phase, push_phase
 from .pitr import restore_phase
-from .proctree import reap_orphans
+from .proctree import CpuMeter, reap_orphans
 from .runner import base_env, chown_tree
-from .walsource import generate
+from .walsource import clear, generate
 
 
 def _say(message: str) -> None:
@@ -55,7 +55,7 @@ def _bench(args: argparse.Namespace, work: Path) -> Bench:
     return Bench(endpoint, source, pgbackrest, barman, work, args.settle, [])
 
 
-def _load(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+def _load(args: argparse.Namespace, bench: Bench, out: dict[str, Any]) -> None:
     push = BIN_DIR / "cloudbk-wal-push"
     repo = f"s3://{bench.endpoint.bucket}"
     commands = {
@@ -63,16 +63,16 @@ def _load(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "cloudbk default": f"CLOUDBK_REPO={repo}/load-default {push} %p",
     }
     server_env = base_env({**bench.endpoint.env(), "CLOUDBK_SERVER": f"{SERVER}-load"})
-    return load_phase(
-        server_env, commands, bench.work / "pgbackrest-load", bench.endpoint, args.load_scale, args.load_seconds,
+    load_phase(
+        out, server_env, commands, bench.work / "pgbackrest-load", bench.endpoint, args.load_scale, args.load_seconds,
         args.load_clients, args.drain_seconds, bench.extra_service_pids,
     )  # fmt: skip
 
 
-def run_phases(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_phases(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
+    """Fill ``results`` phase by phase (what finished is kept when a later phase fails)."""
     phases = args.phase_list
     bench = _bench(args, work)
-    results: dict[str, Any] = {}
     try:
         if "push" in phases or "fetch" in phases:
             _say("push: replaying the archiver ...")
@@ -88,11 +88,14 @@ def run_phases(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             results["restore"] = restore_phase(bench.endpoint, work, args.segments, args.scale)
         if "load" in phases:
             _say(f"load: pgbench for {args.load_seconds} s per archiver ...")
-            results["load"] = _load(args, bench)
+            clear(bench.source)
+            _load(args, bench, results.setdefault("load", {}))
     finally:
         bench.source.cluster.destroy()
         bench.endpoint.stop()
+        # a detached worker (pgBackRest's async process, cloudbk's push-ahead) still running after an error
+        # would write into the directory about to be removed: let it finish first
+        CpuMeter(list, settle=args.settle).wait_workers()
         reap_orphans()
-    if "push" not in phases:
-        results.pop("push", None)
-    return results
+        if "push" not in phases:
+            results.pop("push", None)

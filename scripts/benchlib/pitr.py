@@ -49,7 +49,8 @@ def _backups_and_wal(cluster: PgCluster, pgbackrest: PgBackRest, env: Mapping[st
     run_as_pg(pgbackrest.argv("--log-level-console=warn", "--type=full", "backup"), timeout=1800)
     start = int(cluster.sql("select pg_current_wal_lsn() - '0/0'::pg_lsn"))
     while int(cluster.sql("select pg_current_wal_lsn() - '0/0'::pg_lsn")) - start < segments * 16 * 1024 * 1024:
-        pgbench(cluster, "-N", "-T", "10", "-c", "2", "-j", "2")
+        cluster.sql("checkpoint")  # full-page images again: more WAL per round, as on a busy server
+        pgbench(cluster, "-N", "-T", "10", "-c", "4", "-j", "2")
     checksum = cluster.sql(CHECKSUM)
     cluster.sql("select pg_switch_wal()")
     cluster.wait_archived(timeout=1800)

@@ -32,6 +32,7 @@ class Replay:
     mode: str
     calls: list[float] = field(default_factory=list)
     failures: int = 0
+    errors: list[str] = field(default_factory=list)  # the end of a failed call's stderr, a few of them
     wall: float = 0.0
     cpu: float = 0.0
     emulator_cpu: float = 0.0
@@ -44,6 +45,7 @@ class Replay:
             "mode": self.mode,
             "segments": n,
             "failed_calls": self.failures,
+            "failed_call_stderr": self.errors,
             "wall_s": self.wall,
             "segments_per_s": n / self.wall if self.wall else 0.0,
             **ms_summary(self.calls),
@@ -61,6 +63,9 @@ def _call(replay: Replay, argv: list[str], env: Mapping[str, str], cwd: Path) ->
         if outcome.returncode == 0:
             return
         replay.failures += 1
+        if len(replay.errors) < 5:
+            replay.errors.append(f"{' '.join(argv)} exited {outcome.returncode} after {outcome.seconds:.1f}s: "
+                                 f"{outcome.stderr[-1500:]}")  # fmt: skip
         if attempt == RETRIES:
             raise SystemExit(f"{replay.mode}: {' '.join(argv)} failed {RETRIES + 1} times:\n{outcome.stderr[-4000:]}")
         time.sleep(1)

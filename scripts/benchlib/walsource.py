@@ -103,3 +103,8 @@ def stage_recovery(source: WalSource) -> Path:
     chown_tree(wal)
     chown_tree(source.datadir / "recovery.signal")
     return wal
+
+
+def clear(source: WalSource) -> None:
+    """Give the staged copies' disk space back (the pristine ones in ``store`` stay)."""
+    _empty_pg_wal(source.datadir)
