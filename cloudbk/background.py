@@ -167,6 +167,16 @@ def run_worker(label: str, body: Callable[[], None]) -> None:
             os._exit(0)
 
 
+def make_state_dir(path: str, what: str, log: logging.Logger) -> bool:
+    """Create a worker's state directory (mode 0700); False, with a warning that ``what`` is off, if it cannot."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        log.warning("%s off: cannot create %s (%s)", what, path, exc.strerror)
+        return False
+    return True
+
+
 def off_for_pid1(datadir: str, state_root: str, what: str, log: logging.Logger) -> bool:
     """True when the postmaster of ``datadir`` is PID 1, so no ``what`` worker may start; warns once per
     ``state_root`` (a file there remembers it)."""

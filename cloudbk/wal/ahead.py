@@ -241,10 +241,7 @@ def ensure_worker(path: str, flags: Mapping[str, object], settings: Settings) ->
         return False
     ident = marker.identity(flags, settings.environ)
     sdir = marker.state_dir(wal_dir, ident)
-    try:
-        os.makedirs(sdir, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        log.warning("push-ahead off: cannot create %s (%s)", sdir, exc.strerror)
+    if not background.make_state_dir(sdir, "push-ahead", log):
         return False
     if background.off_for_pid1(os.path.dirname(wal_dir), os.path.dirname(sdir), "push-ahead", log):
         return False

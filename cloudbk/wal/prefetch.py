@@ -325,10 +325,7 @@ def before_fetch(name: str, dest: str, flags: Mapping[str, object], settings: Se
         return None
     ident = marker.identity(flags, settings.environ)
     sdir = spool.spool_dir(datadir, ident)
-    try:
-        os.makedirs(sdir, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        log.warning("prefetch off: cannot create %s (%s)", sdir, exc.strerror)
+    if not background.make_state_dir(sdir, "prefetch", log):
         return None
     spool.note_wanted(sdir, name)
     sha256 = spool.serve(name, dest, flags, settings.environ)
