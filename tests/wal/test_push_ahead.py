@@ -11,8 +11,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import pytest
 from aheadhelpers import Archiver, Reaper, history_bytes, history_name
 from backends import Backend, process_backend, selected
 from pgcluster import PG_BIN, PgCluster, run_as_pg
-from walhelpers import cloudbk_env, remove_scratch, scratch
+from walhelpers import HEAVY_MODULES, cloudbk_env, probe_hit_path, remove_scratch, scratch
 
 from cloudbk import background
 from cloudbk.pg.walnames import parse_wal_name
@@ -336,25 +334,14 @@ def test_the_hit_path_loads_the_standard_library_only() -> None:
     names = archiver.add_segments(1, [1, 2])
     archiver.call(names[0])
     archiver.wait_for_markers(names[1:])
-    probe = (
-        "import os, sys; sys.path.append(sys.argv[1]); from cloudbk.wal.fastpush import hit; "
-        "ok = hit(['pg_wal/' + sys.argv[2]], os.environ); print(ok); print(' '.join(sorted(sys.modules)))"
-    )
-    repo_root = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", probe, repo_root, names[1]],
-        cwd=archiver.datadir,
-        env={**os.environ, **archiver.env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    verdict, modules = proc.stdout.splitlines()
-    assert verdict == "True", proc.stderr
-    loaded = set(modules.split())
+    ok, loaded = probe_hit_path(
+        "__import__('cloudbk.wal.fastpush').wal.fastpush.hit(['pg_wal/' + sys.argv[2]], os.environ)",
+        names[1], archiver.datadir, archiver.env,
+    )  # fmt: skip
+    assert ok
     assert {m for m in loaded if m.startswith("cloudbk")} == {
         "cloudbk", "cloudbk.background", "cloudbk.wal", "cloudbk.wal.fastargs", "cloudbk.wal.fastpush",
         "cloudbk.wal.marker",
     }  # fmt: skip
-    for heavy in ("site", "typing", "argparse", "json", "tomllib", "hashlib", "logging", "botocore", "zstandard"):
+    for heavy in HEAVY_MODULES:
         assert heavy not in loaded, heavy

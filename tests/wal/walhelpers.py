@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import struct
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from backends import Backend
@@ -64,6 +68,31 @@ def scratch(tag: str) -> Path:
 def remove_scratch() -> None:
     while _MADE:
         shutil.rmtree(_MADE.pop(), ignore_errors=True)
+
+
+#: modules a hit path (run with ``python -I -S``) must never load
+HEAVY_MODULES = ("site", "typing", "argparse", "json", "tomllib", "hashlib", "logging", "botocore", "zstandard")
+
+
+def probe_hit_path(call: str, arg: str, cwd: Path, env: Mapping[str, str]) -> tuple[bool, set[str]]:
+    """Run ``call`` (Python code whose value is the hit path's answer; ``sys.argv[2]`` is ``arg``) in an
+    interpreter started like the launcher's (``-I -S``, the checkout on ``sys.path``): (its answer, the modules
+    it loaded)."""
+    probe = (
+        f"import os, sys; sys.path.append(sys.argv[1]); ok = {call}; print(ok); print(' '.join(sorted(sys.modules)))"
+    )
+    repo_root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe, repo_root, arg],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    verdict, modules = proc.stdout.splitlines()
+    assert verdict in ("True", "False"), proc.stderr
+    return verdict == "True", set(modules.split())
 
 
 #: Short enough to keep the outage tests fast, long enough to ride out a slow emulator request.
